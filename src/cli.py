@@ -1,0 +1,47 @@
+"""What every entry point shares: one-line errors, --debug, --quiet."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from collections.abc import Callable
+
+from src.errors import PipelineError
+
+
+def stage_parser(description: str) -> argparse.ArgumentParser:
+    """An argument parser with the options every stage script takes."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--debug", action="store_true", help="full tracebacks on errors")
+    return p
+
+
+def quiet(args: argparse.Namespace | None = None) -> bool:
+    """Progress bars off with --quiet, in CI, or when stderr is not a terminal."""
+    return bool(
+        (args is not None and getattr(args, "quiet", False))
+        or os.environ.get("CI")
+        or os.environ.get("CNN_QUIET")
+    )
+
+
+def run_stage(main: Callable[[], None]) -> None:
+    """Run `main`; a PipelineError (or Ctrl-C) becomes one line on stderr and a non-zero exit.
+
+    Full tracebacks with `--debug` or CNN_DEBUG=1.
+    """
+    debug = "--debug" in sys.argv or os.environ.get("CNN_DEBUG") not in (None, "", "0")
+    try:
+        main()
+    except PipelineError as e:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
