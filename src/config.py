@@ -9,6 +9,7 @@ Stages call `load_params` first, so bad params fail before any heavy work.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -87,7 +88,8 @@ class ModelParams(Section):
 
 class TrainParams(Section):
     num_workers: int = Field(2, gt=0)
-    use_gpu: Literal["auto"] | bool = "auto"
+    # one Literal, not Literal["auto"] | bool: a union's error names a member ("use_gpu.literal['auto']")
+    use_gpu: Literal["auto", True, False] = "auto"
     cpus_per_worker: int = Field(1, gt=0)
     epochs: int = Field(5, gt=0)
     batch_size: int = Field(128, gt=0)
@@ -125,6 +127,11 @@ class RegisterParams(Section):
     metric: str = "accuracy"
     mode: Literal["max", "min"] = "max"
     min_delta: float = Field(0.0, ge=0)
+
+
+# pydantic warns that the `register` section shadows ABCMeta.register; harmless, and a warning
+# line on stderr would break the one-line error output of every stage.
+warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
 
 
 class Params(Section):
@@ -167,7 +174,11 @@ def _message(err: dict[str, Any]) -> str:
     if kind == "value_error":
         return msg.removeprefix("Value error, ")
     if kind.startswith("literal_error"):
-        return f"unknown value {err['input']!r} ({msg[0].lower() + msg[1:]})"
+        # pydantic says "'adamw' or 'sgd'"; the house style is "(expected adamw, sgd)"
+        expected = err["ctx"]["expected"].replace("'", "").replace(" or ", ", ")
+        return f"unknown value {err['input']!r} (expected {expected})"
+    if kind in ("model_type", "dict_type"):
+        return f"expected a mapping of keys, got {err['input']!r}"
     return f"{msg[0].lower() + msg[1:]} (got {err['input']!r})"
 
 

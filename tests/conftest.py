@@ -27,3 +27,67 @@ def fashion_dir() -> Path:
     if not (FASHION / "train-images-idx3-ubyte.gz").exists():
         pytest.skip(f"{FASHION} not found")
     return FASHION
+
+PROJECT_FILES = ("params.yaml", "dvc.yaml", "pyproject.toml", "src", "pipeline")
+
+
+def deep_update(base: dict, overrides: dict) -> dict:
+    """Merge `overrides` into `base` section by section (in place) and return it."""
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            deep_update(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def make_project(dest: Path, overrides: dict | None = None, *, dvc: bool = True) -> Path:
+    """A scratch copy of the project in `dest`: its own git + DVC repo, params shrunk by `overrides`.
+
+    Stages run there write their data, models and MLflow store inside `dest`, never in the repo.
+    """
+    import shutil
+    import subprocess
+
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in PROJECT_FILES:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, dest / name)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    deep_update(params, overrides or {})
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    if dvc:
+        env = project_env()
+        subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+        subprocess.run(["dvc", "init", "-q"], cwd=dest, check=True, env=env)
+        subprocess.run(["dvc", "config", "core.analytics", "false"], cwd=dest, check=True, env=env)
+    return dest
+
+
+def project_env(**extra: str) -> dict:
+    """The environment stage subprocesses run with: the venv first on PATH, no update checks."""
+    import sys
+
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("RAY_ADDRESS", None)
+    env.update(extra)
+    return env
+
+
+# Small enough for a 2-worker Ray run in well under a minute, big enough to learn something.
+TINY = {
+    "preprocess": {"image_size": 8, "pad": 0, "augment_copies": 1},
+    "model": {
+        "layers": [
+            {"conv": 8, "kernel": 3, "padding": "same", "batch_norm": True},
+            {"pool": "max", "size": 2},
+            {"fc": 32},
+        ]
+    },
+    "train": {"epochs": 2, "num_workers": 2, "batch_size": 64},
+}
