@@ -64,6 +64,13 @@ def make_project(dest: Path, overrides: dict | None = None, *, dvc: bool = True)
         subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
         subprocess.run(["dvc", "init", "-q"], cwd=dest, check=True, env=env)
         subprocess.run(["dvc", "config", "core.analytics", "false"], cwd=dest, check=True, env=env)
+        # DVCLive and DVC experiments need a commit to compare against
+        subprocess.run(["git", "add", "-A"], cwd=dest, check=True)
+        subprocess.run(
+            ["git", "-c", "user.name=test", "-c", "user.email=test@localhost", "commit", "-qm", "project"],
+            cwd=dest,
+            check=True,
+        )
     return dest
 
 

@@ -1,0 +1,400 @@
+"""The train stage: the epoch loop, real Ray Train runs (2 CPU workers), resume, faults, errors.
+
+Ray fits are expensive (~20-30 s of fixed cost each), so there are four in this file: a first
+2-worker run (module fixture), an interrupted run and its resume (subprocesses, SIGTERM), and a
+re-run of the first project with a worker killed by SIGKILL. All share one preprocessed dataset
+and the same shrunk params, so their metrics must agree (determinism).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import TINY, deep_update, make_project, project_env
+
+from src import tracking
+from src.config import load_params, parse_params
+from src.errors import PipelineError
+from src.model import load_checkpoint
+from src.train import (
+    FAULT_ENV,
+    DeviceData,
+    check_resources,
+    epoch_batches,
+    evaluate,
+    run_local,
+    split_indices,
+    train_stage,
+)
+
+EPOCHS = 3
+OVERRIDES = deep_update(copy.deepcopy(TINY), {"train": {"epochs": EPOCHS, "max_failures": 1}})
+METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr")  # not timings
+
+
+def numbers(history: list[dict]) -> list[dict]:
+    """The deterministic part of a history (no throughput or seconds)."""
+    return [{k: e[k] for k in ("epoch", *METRICS)} for e in history]
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures: one preprocessed dataset, projects that copy it
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def base_project(tmp_path_factory) -> Path:
+    """A scratch project with the shrunk params and the real preprocess output (digits)."""
+    root = make_project(tmp_path_factory.mktemp("train") / "base", OVERRIDES, dvc=False)
+    done = subprocess.run(
+        [sys.executable, "pipeline/preprocess.py"],
+        cwd=root, env=project_env(), capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return root
+
+
+def clone(base: Path, dest: Path, overrides: dict | None = None) -> Path:
+    """A project beside `base` with its params (plus `overrides`) and processed data."""
+    dest.mkdir(parents=True)
+    params = deep_update(yaml.safe_load((base / "params.yaml").read_text()), overrides or {})
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    shutil.copytree(base / "data", dest / "data")
+    return dest
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    """No tracking server or cluster from the caller's environment."""
+    for name in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", FAULT_ENV, "DVC_EXP_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def store_runs(root: Path) -> list:
+    """Every run in the project's SQLite store."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    exps = client.search_experiments()
+    return client.search_runs([e.experiment_id for e in exps])
+
+
+def steps(root: Path, run_id: str, key: str = "val_accuracy") -> list[int]:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def logged_history(root: Path, run_id: str) -> list[dict]:
+    """The per-epoch metrics as MLflow holds them, shaped like a history."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    by_step: dict[int, dict] = {}
+    for key in METRICS:
+        for m in client.get_metric_history(run_id, key):
+            by_step.setdefault(m.step, {"epoch": m.step})[key] = m.value
+    return [by_step[s] for s in sorted(by_step)]
+
+
+@pytest.fixture(scope="module")
+def first_run(base_project, tmp_path_factory):
+    """One real 2-worker TorchTrainer run of the train stage, in-process; the store as it was
+    right after it (later tests add runs to the same project)."""
+    root = base_project
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", FAULT_ENV, "DVC_EXP_NAME"):
+            mp.delenv(name, raising=False)
+        mp.chdir(root)
+        metrics = train_stage(load_params(root / "params.yaml"), root)
+    runs = store_runs(root)
+    run_id = metrics["run_id"]
+    return {
+        "root": root,
+        "metrics": metrics,
+        "runs": runs,
+        "steps": {k: steps(root, run_id, k) for k in (*METRICS, "images_per_sec")},
+        "history": logged_history(root, run_id),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop, without Ray (fast)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_validation_split_holds_out_originals_stratified():
+    rng = np.random.default_rng(0)
+    originals = np.repeat(np.arange(5), 20)[rng.permutation(100)]
+    labels = np.concatenate([originals, originals, originals])  # two augmented copies
+    train_rows, val_rows = split_indices(labels, 100, 0.2, seed=7)
+    assert (val_rows < 100).all()  # validation = un-augmented originals only
+    assert not set(train_rows % 100) & set(val_rows)  # no copy of a validation image trained on
+    assert len(train_rows) + len(val_rows) * 3 == 300
+    assert np.bincount(labels[val_rows]).tolist() == [4] * 5  # stratified
+    again, _ = split_indices(labels, 100, 0.2, seed=7)
+    assert np.array_equal(train_rows, again)
+    with pytest.raises(PipelineError, match="num_originals"):
+        split_indices(labels[:-1], 100, 0.2, seed=7)
+
+
+def test_two_workers_see_the_global_batches_of_one():
+    rows = np.arange(1000)
+    one = epoch_batches(rows, epoch=3, seed=1, rank=0, world_size=1, batch_size=64)
+    r0 = epoch_batches(rows, epoch=3, seed=1, rank=0, world_size=2, batch_size=32)
+    r1 = epoch_batches(rows, epoch=3, seed=1, rank=1, world_size=2, batch_size=32)
+    assert len(one) == len(r0) == len(r1) == 1000 // 64
+    for g, a, b in zip(one, r0, r1, strict=True):
+        assert sorted(g) == sorted(np.concatenate([a, b]))
+    other = epoch_batches(rows, epoch=4, seed=1, rank=0, world_size=1, batch_size=64)
+    assert not np.array_equal(one[0], other[0])  # a new order each epoch
+
+
+def test_plain_loop_is_deterministic(base_project):
+    from src.preprocess import load_processed
+
+    params = parse_params(
+        deep_update(yaml.safe_load((base_project / "params.yaml").read_text()),
+                    {"train": {"epochs": 2, "num_workers": 1}})
+    )  # fmt: skip
+    data = load_processed(base_project / "data/processed")
+    first, second = run_local(params, data), run_local(params, data)
+    assert [e["epoch"] for e in first] == [1, 2]
+    assert numbers(first) == numbers(second)
+    assert first[-1]["val_accuracy"] > 0.5  # it learns
+
+
+def test_device_data_matches_preprocess_normalize(base_project):
+    from src.preprocess import load_processed, normalize
+
+    data = load_processed(base_project / "data/processed")
+    rows = np.arange(10)
+    mean, std = data.meta["mean"], data.meta["std"]
+    x, y = DeviceData(data.train_images, data.train_labels, mean, std, torch.device("cpu")).get(
+        rows
+    )
+    expected = normalize(np.asarray(data.train_images[rows]), mean, std)
+    assert np.allclose(x.numpy(), expected, atol=1e-6)
+    assert y.tolist() == data.train_labels[rows].tolist()
+
+
+def test_resource_errors_are_one_line():
+    def train(**kw):
+        base = {"num_workers": 2, "batch_size": 64}
+        return parse_params({"model": {"layers": [{"fc": 4}]}, "train": {**base, **kw}}).train
+
+    with pytest.raises(
+        PipelineError,
+        match=r"train.num_workers 4 x train.cpus_per_worker 1 needs 4 CPUs but this machine has 2",
+    ):
+        check_resources(train(num_workers=4), {"CPU": 2.0}, "this machine")
+    with pytest.raises(PipelineError, match="train.use_gpu: true needs 2 GPUs"):
+        check_resources(train(use_gpu=True), {"CPU": 8.0, "GPU": 1.0}, "the cluster")
+    with pytest.raises(PipelineError, match="fp16 autocast needs a GPU"):
+        check_resources(train(precision="fp16"), {"CPU": 8.0}, "this machine")
+    with pytest.raises(PipelineError, match="more than any node"):
+        check_resources(train(cpus_per_worker=4), {"CPU": 8.0}, "the cluster", node_cpus=2.0)
+    assert check_resources(train(), {"CPU": 2.0, "GPU": 2.0}, "x") is True  # auto: GPUs
+    assert check_resources(train(), {"CPU": 2.0, "GPU": 1.0}, "x") is False  # too few for 2
+
+
+def test_batch_size_that_does_not_divide_fails_in_one_line(base_project, tmp_path):
+    root = clone(base_project, tmp_path / "p", {"train": {"batch_size": 65}})
+    done = subprocess.run(
+        [sys.executable, str(base_project / "pipeline/train.py")],
+        cwd=root, env=project_env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "error: params.yaml: train.batch_size 65 is not divisible by train.num_workers 2 "
+        "(each worker gets batch_size // num_workers)"
+    ]
+
+
+def test_more_workers_than_cpus_fails_fast(base_project, tmp_path, clean_env):
+    cpus = len(os.sched_getaffinity(0))
+    root = clone(
+        base_project,
+        tmp_path / "p",
+        {"train": {"num_workers": cpus + 1, "batch_size": 64 * (cpus + 1)}},
+    )
+    start = time.monotonic()
+    with pytest.raises(PipelineError, match=rf"needs {cpus + 1} CPUs but this machine has {cpus}"):
+        train_stage(load_params(root / "params.yaml"), root)
+    assert time.monotonic() - start < 30  # no Ray started, no waiting for resources
+    assert not (root / "mlflow.db").exists()  # nothing started either
+
+
+def test_unreachable_ray_address_fails_fast(base_project, tmp_path, clean_env):
+    root = clone(base_project, tmp_path / "p")
+    clean_env.setenv("RAY_ADDRESS", "127.0.0.1:9")  # discard port: nothing listens
+    with pytest.raises(PipelineError, match=r"RAY_ADDRESS=127.0.0.1:9: Ray cluster unreachable"):
+        train_stage(load_params(root / "params.yaml"), root)
+
+
+def test_log_epochs_never_logs_a_step_twice(tmp_path):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    exp = tracking.get_or_create_experiment("t", tmp_path)
+    run_id, resumed = tracking.open_run(exp, "r", {"api_token": "x", "ok": "1"})
+    assert not resumed
+    history = [{"epoch": e, "val_accuracy": e / 10, "train_loss": 1.0 / e} for e in (1, 2)]
+    assert tracking.log_epochs(uri, run_id, history) == [1, 2]
+    assert tracking.log_epochs(uri, run_id, history[:1]) == []
+    history.append({"epoch": 3, "val_accuracy": 0.3, "train_loss": 0.3})
+    assert tracking.log_epochs(uri, run_id, history) == [3]
+    client = mlflow.MlflowClient()
+    assert sorted(m.step for m in client.get_metric_history(run_id, "train_loss")) == [1, 2, 3]
+    tags = client.get_run(run_id).data.tags
+    assert "api_token" not in tags and tags["ok"] == "1"  # secrets never logged
+    again, resumed = tracking.open_run(exp, "r", {}, run_id)
+    assert (again, resumed) == (run_id, True)
+    tracking.log_params(run_id, {"a.password": "p", "a.uri": "http://u:pw@host/", "a.n": 3})
+    assert client.get_run(run_id).data.params == {"a.n": "3"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Real Ray Train runs (slow)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_two_worker_run_logs_one_run_and_a_model_that_reproduces(first_run):
+    root, metrics = first_run["root"], first_run["metrics"]
+    runs = first_run["runs"]
+    assert len(runs) == 1 and runs[0].info.run_id == metrics["run_id"]
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    for key, logged in first_run["steps"].items():
+        assert logged == list(range(1, EPOCHS + 1)), key  # each epoch step exactly once
+    assert run.data.params["train.num_workers"] == "2"
+    assert json.loads(run.data.params["model.layers"])[0]["conv"] == 8
+    tags = run.data.tags
+    for key in ("git_commit", "data_md5", "data_sha256", "ray_version", "torch_version"):
+        assert tags[key], key
+    assert tags["num_workers"] == "2" and tags["device"] == "cpu"
+
+    info = tracking.read_run_file(root / "models/run.json")
+    assert info["run_id"] == metrics["run_id"] and info["experiment_name"] == "cnn-pipeline"
+    saved = json.loads((root / "metrics/train.json").read_text())
+    assert saved["epochs"] == EPOCHS and saved["best_epoch"] in range(1, EPOCHS + 1)
+    assert sorted(p.name for p in (root / "plots/train").iterdir()) == sorted(
+        f"{k}.tsv" for k in (*METRICS, "images_per_sec", "epoch_seconds")
+    )
+
+    # models/model.pt rebuilds the network and reproduces the logged validation accuracy
+    from src.preprocess import load_processed
+
+    model, extra = load_checkpoint(root / "models/model.pt")
+    data = load_processed(root / "data/processed")
+    assert extra["class_names"] == data.meta["class_names"] and extra["channels"] == 1
+    _, val_rows = split_indices(data.train_labels, data.meta["num_originals"], 0.1, seed=42)
+    feed = DeviceData(
+        data.train_images, data.train_labels, extra["mean"], extra["std"], torch.device("cpu")
+    )
+    _, correct, count = evaluate(model, feed, val_rows)
+    best = first_run["history"][saved["best_epoch"] - 1]
+    assert abs(correct / count - best["val_accuracy"]) <= 1 / count
+    assert saved["val_accuracy"] == pytest.approx(best["val_accuracy"])
+
+
+def _wait_for(predicate, proc, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(
+                f"exited {proc.returncode} before {what}: {out[-2000:]}{err[-2000:]}"
+            )
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.5)
+
+
+def _latest_epoch(storage: Path) -> int | None:
+    for snap in storage.glob("train-*/checkpoint_manager_snapshot.json"):
+        with_ckpt = json.loads(snap.read_text()).get("latest_checkpoint_result")
+        if with_ckpt:
+            return with_ckpt["metrics"]["epoch"]
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_interrupted_stage_resumes_at_the_next_epoch(first_run, tmp_path):
+    """SIGTERM to the stage after epoch 1's checkpoint; the re-run starts at epoch 2, logs into
+    the same MLflow run, each step once, and ends with the uninterrupted run's numbers."""
+    root = clone(first_run["root"], tmp_path / "p")
+    script = str(first_run["root"] / "pipeline/train.py")
+    marker = tmp_path / "stalled"
+    fault = {"rank": 0, "epoch": 1, "at": "end", "action": "stall", "marker": str(marker)}
+    proc = subprocess.Popen(
+        [sys.executable, script], cwd=root, env=project_env(**{FAULT_ENV: json.dumps(fault)}),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        _wait_for(lambda: marker.exists() and _latest_epoch(root / "ray_results") == 1,
+                  proc, 400, "epoch 1's checkpoint")  # fmt: skip
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    assert err.strip().splitlines()[-1] == "error: interrupted"
+    assert "epoch 1/3" in out and "epoch 2/3" not in out
+    (interrupted,) = store_runs(root)
+    assert interrupted.info.status == "KILLED"
+    assert steps(root, interrupted.info.run_id) == [1]
+
+    done = subprocess.run(
+        [sys.executable, script], cwd=root, env=project_env(),
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming" in done.stdout
+    assert "epoch 1/3" not in done.stdout and "epoch 2/3" in done.stdout  # went on at epoch 2
+    (run,) = store_runs(root)  # the same MLflow run, not a second one
+    assert run.info.run_id == interrupted.info.run_id and run.info.status == "FINISHED"
+    for key in METRICS:
+        assert steps(root, run.info.run_id, key) == [1, 2, 3], key
+    # determinism: the interrupted + resumed run computed exactly what the first run did
+    assert logged_history(root, run.info.run_id) == first_run["history"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_killed_worker_is_replaced_and_training_completes(first_run, clean_env, tmp_path):
+    """SIGKILL to rank 1 in the middle of epoch 2 (first attempt only): with max_failures 1 the
+    worker group restarts from epoch 1's checkpoint. Re-running the finished project also
+    checks that a completed run is trained anew (a second MLflow run), not 'resumed'."""
+    root = first_run["root"]
+    marker = tmp_path / "killed"
+    fault = {"rank": 1, "epoch": 2, "at": "mid", "action": "kill", "marker": str(marker)}
+    clean_env.setenv(FAULT_ENV, json.dumps(fault))
+    clean_env.chdir(root)
+    metrics = train_stage(load_params(root / "params.yaml"), root)
+    assert marker.exists()  # the worker really was killed
+    runs = store_runs(root)
+    assert len(runs) == 2 and metrics["run_id"] != first_run["metrics"]["run_id"]
+    for key in METRICS:
+        assert steps(root, metrics["run_id"], key) == [1, 2, 3], key
+    assert logged_history(root, metrics["run_id"]) == first_run["history"]
