@@ -21,7 +21,7 @@ def stage_parser(description: str) -> argparse.ArgumentParser:
 
 
 def quiet(args: argparse.Namespace | None = None) -> bool:
-    """Progress bars off with --quiet, in CI, or when stderr is not a terminal."""
+    """Progress bars off with --quiet, in CI (CI set) or with CNN_QUIET set."""
     return bool(
         (args is not None and getattr(args, "quiet", False))
         or os.environ.get("CI")

@@ -26,7 +26,7 @@ class Section(BaseModel):
 
 
 class BaseParams(Section):
-    seed: int = 42
+    seed: int = Field(42, ge=0)
 
 
 class PathsParams(Section):

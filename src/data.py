@@ -1,8 +1,8 @@
 """Image sources: `digits` | `idx` | `imagefolder` -> uint8 images, int64 labels, class names.
 
-`load_source(params.data)` returns a `Dataset`. Images are uint8 and already in `data.channels`:
-(H, W) when channels is 1, (H, W, 3) when it is 3. The `digits` and `idx` sources return one
-(N, H, W[, 3]) array per split; `imagefolder` returns an `ImageFiles` sequence, whose items are
+`load_source(params.data, params.base.seed)` returns a `Dataset`. Images are uint8 and already
+in `data.channels`: (H, W) when channels is 1, (H, W, 3) when it is 3. The `digits` and `idx`
+sources return one (N, H, W[, 3]) array per split; `imagefolder` returns an `ImageFiles` sequence, whose items are
 decoded on access, so that the preprocess workers decode their own chunk and no process ever
 holds a whole folder of full-size images. Every problem with the input is a one-line
 `PipelineError` naming the file, folder or parameter at fault. Orders are deterministic
@@ -427,7 +427,7 @@ def _existing_folder(path: str | None) -> Path:
     return folder
 
 
-def load_source(data, seed: int = 42) -> Dataset:
+def load_source(data, seed: int) -> Dataset:
     """Load the images that `data.source` names.
 
     Args:

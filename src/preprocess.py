@@ -165,9 +165,8 @@ def _init_error(exc: Exception, cls: type, where: str, params: dict) -> str:
         arg = str(first["loc"][0]) if first["loc"] else ""
         if arg in params:
             same = [e for e in errors if e["loc"] and str(e["loc"][0]) == arg]
-            if (
-                len(same) > 1
-            ):  # a union type: pydantic reports each member; the annotation is clearer
+            # a union type: pydantic reports each member, and the annotation says it better
+            if len(same) > 1:
                 expected = f"expected {params[arg].annotation}"
             else:
                 expected = first["msg"][0].lower() + first["msg"][1:]
@@ -178,16 +177,21 @@ def _init_error(exc: Exception, cls: type, where: str, params: dict) -> str:
     )
 
 
+def _step_dict(step: Any) -> dict | None:
+    """A policy step as {transform, **arguments}, from a dict or a config.AugmentStep."""
+    if isinstance(step, dict):
+        return step
+    if hasattr(step, "transform") and hasattr(step, "kwargs"):
+        return {"transform": step.transform, **step.kwargs}
+    return None
+
+
 def _build_steps(steps: Sequence[Any], source: str, where: str) -> list:
     A = _albumentations()
     built = []
     for i, step in enumerate(steps):
         loc = f"{where}[{i}]"
-        spec = (
-            step
-            if isinstance(step, dict)
-            else ({"transform": step.transform, **step.kwargs} if hasattr(step, "kwargs") else None)
-        )
+        spec = _step_dict(step)
         if not isinstance(spec, dict) or "transform" not in spec:
             raise PipelineError(f"{source}: {loc}: expected a mapping with a 'transform' key")
         name = spec["transform"]
@@ -538,10 +542,7 @@ def preprocess_dataset(
     (1 + augment_copies) output images; at most 2 x workers chunks are in flight. The outputs
     are written through memory maps, so this process does not hold them either.
     """
-    augment = [
-        {"transform": s.transform, **s.kwargs} if hasattr(s, "kwargs") else dict(s)
-        for s in pre.augment
-    ]
+    augment = [_step_dict(s) for s in pre.augment]  # plain dicts: they travel to the workers
     copies = pre.augment_copies
     if copies and not augment:
         raise PipelineError(

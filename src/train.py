@@ -179,6 +179,18 @@ def epoch_batches(
     return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
 
 
+def training_split(spec: LoopSpec, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """split_indices for `spec`, checked: at least one full global batch to train on."""
+    t = spec.train
+    train_rows, val_rows = split_indices(labels, spec.num_originals, t["val_fraction"], spec.seed)
+    if len(train_rows) < t["batch_size"]:
+        raise PipelineError(
+            f"train.batch_size {t['batch_size']} is larger than the training split "
+            f"({len(train_rows)} rows after holding out train.val_fraction)"
+        )
+    return train_rows, val_rows
+
+
 def seed_epoch(seed: int, epoch: int, rank: int) -> None:
     """Seed torch (dropout) from (seed, epoch, rank): resumed epochs draw what they would have."""
     torch.manual_seed(int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0]))
@@ -406,14 +418,9 @@ def make_loop(
     prepare_model (DDP when world size > 1)."""
     t = spec.train
     autocast = autocast_for(t["precision"], device)
-    train_rows, val_rows = split_indices(labels, spec.num_originals, t["val_fraction"], spec.seed)
+    train_rows, val_rows = training_split(spec, labels)
     batch = t["batch_size"] // comm.world_size
     steps = len(train_rows) // t["batch_size"]
-    if steps == 0:
-        raise PipelineError(
-            f"train.batch_size {t['batch_size']} is larger than the training split "
-            f"({len(train_rows)} rows after holding out train.val_fraction)"
-        )
     torch.manual_seed(spec.seed)
     net = CNN(CNNConfig(**spec.model))
     if state is not None:
@@ -1031,7 +1038,10 @@ def train_stage(params: Params, root: str | os.PathLike = ".") -> dict[str, Any]
     processed_dir = root / paths.processed
     data = load_processed(processed_dir)
     spec = loop_spec(params, data.meta)
-    if not os.environ.get("RAY_ADDRESS"):  # before starting anything: fail in a second
+    training_split(spec, data.train_labels)  # before starting anything: fail in a second
+    if os.environ.get("RAY_ADDRESS"):
+        check_ray_address(os.environ["RAY_ADDRESS"])
+    else:
         check_resources(t, machine_resources(), "this machine")
     data_hash = data_fingerprint(processed_dir)
     key = run_key(params, data_hash)
@@ -1066,32 +1076,73 @@ def train_stage(params: Params, root: str | os.PathLike = ".") -> dict[str, Any]
         folder.write(MLFLOW_RUN_FILE, {"run_id": run_id, "tracking_uri": tracking.redacted(uri)})
         if resumed:
             print(f"resuming {ray_name} (MLflow run {run_id})", flush=True)
+        # Rank 0 logs each epoch as it ends, unless the store is a file on this machine and the
+        # workers may run on others (RAY_ADDRESS): then the driver logs them all after fit.
+        local_store = uri.startswith(("sqlite:", "file:")) or "://" not in uri
+        track = (
+            None
+            if local_store and os.environ.get("RAY_ADDRESS")
+            else {"uri": uri, "run_id": run_id}
+        )
         try:
             tracking.log_params(run_id, params.flat())
             result = fit(
                 spec, np.asarray(data.train_images), np.asarray(data.train_labels),
                 name=ray_name, storage=storage, use_gpu=use_gpu, train=t,
-                track={"uri": uri, "run_id": run_id},
+                track=track,
             )  # fmt: skip
             best, history = best_checkpoint(result)
             _ensure_finite(history)
         except BaseException as e:
-            tracking.end_run(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+            tracking.end_run(run_id, _end_status(e))
             raise
 
-    # Outputs: every file atomic; the MLflow run is closed (FINISHED) only once all are written.
+    try:
+        metrics = write_outputs(params, root, data.meta, best, history, run_id)
+        tracking.write_run_file(
+            root / paths.models / "run.json",
+            {
+                "run_id": run_id,
+                "experiment_id": experiment_id,
+                "experiment_name": t.experiment,
+                "run_name": run_name,
+                "tracking_uri": tracking.redacted(uri),
+            },
+        )
+    except BaseException as e:
+        tracking.end_run(run_id, _end_status(e))
+        raise
+    folder.write(DONE_FILE, {"run_id": run_id, "epochs": len(history)})
+    return {**metrics, "run_id": run_id}
+
+
+def write_outputs(
+    params: Params,
+    root: Path,
+    meta: dict[str, Any],
+    best: dict[str, Any],
+    history: list[dict[str, Any]],
+    run_id: str,
+) -> dict[str, Any]:
+    """Write model.pt, metrics/train.json and the plots (each atomically), complete the MLflow
+    run's epochs, log the models into it and mark it FINISHED. Returns train.json's content.
+
+    Args:
+        best: the chosen checkpoint's state (weights, model config, history up to it).
+        history: every epoch of the run.
+    """
+    paths = params.paths
     net = CNN(CNNConfig(**best["model_config"]))
     net.load_state_dict(best["model"])
     net.eval()
     model_path = root / paths.models / "model.pt"
-    save_checkpoint(model_path, net, model_extra(data.meta))
+    save_checkpoint(model_path, net, model_extra(meta))
     metrics = summary_metrics(best["history"][-1], history)
     write_json(root / paths.metrics / "train.json", metrics)
     write_plots(root / paths.plots / "train", history)
-    tracking.log_epochs(uri, run_id, history)
-    experiment_name = t.experiment
+    tracking.log_epochs(tracking.setup(root), run_id, history)  # epochs rank 0 did not log
     with tracking.active_run(run_id):
-        side, channels = int(data.meta["image_size"]), int(data.meta["channels"])
+        side, channels = int(meta["image_size"]), int(meta["channels"])
         # batch 2: an example batch of 1 would fix the exported model's batch size to 1
         example = np.zeros((2, channels, side, side), dtype=np.float32)
         tracking.log_torch_model(net, example)
@@ -1099,18 +1150,12 @@ def train_stage(params: Params, root: str | os.PathLike = ".") -> dict[str, Any]
 
         log_pyfunc_model(model_path)
         tracking.set_tag(run_id, "best_epoch", str(metrics["best_epoch"]))
-    tracking.write_run_file(
-        root / paths.models / "run.json",
-        {
-            "run_id": run_id,
-            "experiment_id": experiment_id,
-            "experiment_name": experiment_name,
-            "run_name": run_name,
-            "tracking_uri": tracking.redacted(uri),
-        },
-    )
-    folder.write(DONE_FILE, {"run_id": run_id, "epochs": len(history)})
-    return {**metrics, "run_id": run_id}
+    return metrics
+
+
+def _end_status(e: BaseException) -> str:
+    """The MLflow status of a run that stopped on `e`: interrupted (KILLED) or FAILED."""
+    return "KILLED" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "FAILED"
 
 
 def _ensure_finite(history: list[dict[str, Any]]) -> None:

@@ -115,7 +115,7 @@ def test_real_fashion_files_headers_and_counts(fashion_dir):
 
 
 def test_idx_slice_loads_with_numbered_classes(fashion_slice):
-    ds = load_source(data_params(source="idx", path=str(fashion_slice)))
+    ds = load_source(data_params(source="idx", path=str(fashion_slice)), seed=SEED)
     assert ds.source == "idx" and ds.class_names == [str(i) for i in range(10)]
     assert ds.train_images.shape == (600, 28, 28) and ds.test_images.shape == (200, 28, 28)
     assert ds.train_labels.dtype == np.int64 and len(ds.test_labels) == 200
@@ -139,10 +139,10 @@ def test_idx_class_names_from_classes_txt(fashion_slice, tmp_path):
         "Ankle boot",
     ]
     (folder / "classes.txt").write_text("\n".join(names) + "\n")
-    assert load_source(data_params(source="idx", path=str(folder))).class_names == names
+    assert load_source(data_params(source="idx", path=str(folder)), seed=SEED).class_names == names
     (folder / "classes.txt").write_text("a\nb\n")
     with pytest.raises(PipelineError, match=r"classes\.txt: 2 class names, but labels go up to 9"):
-        load_source(data_params(source="idx", path=str(folder)))
+        load_source(data_params(source="idx", path=str(folder)), seed=SEED)
 
 
 def idx_folder(tmp_path: Path, n_train=20, n_test=10) -> Path:
@@ -184,7 +184,7 @@ def test_idx_errors_name_the_file(tmp_path, breakage, message):
     elif breakage == "labels_as_images":
         write_idx(folder / "train-labels-idx1-ubyte", np.zeros((20, 6, 6)))
     with pytest.raises(PipelineError, match=message) as err:
-        load_source(data_params(source="idx", path=str(folder)))
+        load_source(data_params(source="idx", path=str(folder)), seed=SEED)
     assert "\n" not in str(err.value)
 
 
@@ -193,9 +193,9 @@ def test_idx_single_class_and_too_small_images(tmp_path):
     write_idx(folder / "train-labels-idx1-ubyte", np.zeros(20))
     write_idx(folder / "t10k-labels-idx1-ubyte", np.zeros(10))
     with pytest.raises(PipelineError, match="single class"):
-        load_source(data_params(source="idx", path=str(folder)))
+        load_source(data_params(source="idx", path=str(folder)), seed=SEED)
     with pytest.raises(PipelineError, match=r"images are 6x6, smaller than data.min_image_side 7"):
-        load_source(data_params(source="idx", path=str(folder), min_image_side=7))
+        load_source(data_params(source="idx", path=str(folder), min_image_side=7), seed=SEED)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,7 +268,7 @@ def test_imagefolder_pool_mixed_modes_and_sizes(tmp_path):
 
 def test_imagefolder_train_test_split(tmp_path):
     root = make_folder(tmp_path / "split", split=True)
-    ds = load_source(data_params(source="imagefolder", path=str(root)))
+    ds = load_source(data_params(source="imagefolder", path=str(root)), seed=SEED)
     assert ds.class_names == ["cat", "dog", "eel"]
     assert len(ds.train_images) == len(ds.test_images) == 24
     assert all("/train/" in p for p in ds.train_images.paths)
@@ -283,10 +283,10 @@ def test_imagefolder_split_class_sets_must_match(tmp_path):
     with pytest.raises(
         PipelineError, match=r"train/ and test/ have different classes \(differ in \['fox'\]\)"
     ):
-        load_source(data_params(source="imagefolder", path=str(root)))
+        load_source(data_params(source="imagefolder", path=str(root)), seed=SEED)
     (root / "test").rename(root / "other")
     with pytest.raises(PipelineError, match=r"has train/ but no test/"):
-        load_source(data_params(source="imagefolder", path=str(root)))
+        load_source(data_params(source="imagefolder", path=str(root)), seed=SEED)
 
 
 def test_corrupt_image_names_the_file(tmp_path):
@@ -294,7 +294,7 @@ def test_corrupt_image_names_the_file(tmp_path):
     bad = root / "dog" / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n but then nothing sensible")
     with pytest.raises(PipelineError, match=r"broken\.png: not a readable image file") as err:
-        load_source(data_params(source="imagefolder", path=str(root)))
+        load_source(data_params(source="imagefolder", path=str(root)), seed=SEED)
     assert str(bad) in str(err.value) and "\n" not in str(err.value)
 
 
@@ -313,26 +313,28 @@ def test_empty_class_folder_names_the_folder(tmp_path):
     (root / "empty").mkdir()
     (root / "empty" / "readme.txt").write_text("no images here")
     with pytest.raises(PipelineError, match=r"pool/empty: class folder has no image files"):
-        load_source(data_params(source="imagefolder", path=str(root)))
+        load_source(data_params(source="imagefolder", path=str(root)), seed=SEED)
 
 
 def test_single_class_folder(tmp_path):
     root = make_folder(tmp_path / "pool", classes=("only",))
     with pytest.raises(PipelineError, match=r"at least 2 class sub-folders, found only 'only'"):
-        load_source(data_params(source="imagefolder", path=str(root)))
+        load_source(data_params(source="imagefolder", path=str(root)), seed=SEED)
     with pytest.raises(PipelineError, match=r"found none"):
-        load_source(data_params(source="imagefolder", path=str(tmp_path / "pool" / "only")))
+        load_source(
+            data_params(source="imagefolder", path=str(tmp_path / "pool" / "only")), seed=SEED
+        )
 
 
 @pytest.mark.parametrize("source", ["idx", "imagefolder"])
 def test_missing_path_names_data_path(tmp_path, source):
     missing = tmp_path / "nowhere"
     with pytest.raises(PipelineError, match=rf"data\.path: {missing} does not exist"):
-        load_source(data_params(source=source, path=str(missing)))
+        load_source(data_params(source=source, path=str(missing)), seed=SEED)
     file = tmp_path / "file"
     file.write_text("x")
     with pytest.raises(PipelineError, match=r"is not a folder"):
-        load_source(data_params(source=source, path=str(file)))
+        load_source(data_params(source=source, path=str(file)), seed=SEED)
 
 
 def test_too_small_image_names_the_file(tmp_path):
@@ -341,7 +343,7 @@ def test_too_small_image_names_the_file(tmp_path):
     with pytest.raises(
         PipelineError, match=r"tiny\.png: image is 3x40, smaller than data\.min_image_side 4"
     ):
-        load_source(data_params(source="imagefolder", path=str(root)))
+        load_source(data_params(source="imagefolder", path=str(root)), seed=SEED)
 
 
 def test_decompression_bomb_rejected_before_decoding(tmp_path):
@@ -353,7 +355,7 @@ def test_decompression_bomb_rejected_before_decoding(tmp_path):
         PipelineError,
         match=r"bomb\.png: image is 8000x8000 = 64000000 pixels, over data\.max_image_pixels 40000000",
     ):
-        load_source(data_params(source="imagefolder", path=str(root)))
+        load_source(data_params(source="imagefolder", path=str(root)), seed=SEED)
     # a small limit in params applies too, and decode_image checks it as well
     big = save(tmp_path / "big.png", Image.new("L", (300, 300)))
     with pytest.raises(PipelineError, match=r"over data\.max_image_pixels 50000"):

@@ -239,11 +239,21 @@ def test_more_workers_than_cpus_fails_fast(base_project, tmp_path, clean_env):
     assert not (root / "mlflow.db").exists()  # nothing started either
 
 
+def test_batch_larger_than_the_training_split_fails_fast(base_project, tmp_path, clean_env):
+    root = clone(base_project, tmp_path / "p", {"train": {"batch_size": 1 << 16}})
+    with pytest.raises(
+        PipelineError, match=r"train.batch_size 65536 is larger than the training split"
+    ):
+        train_stage(load_params(root / "params.yaml"), root)
+    assert not (root / "mlflow.db").exists()
+
+
 def test_unreachable_ray_address_fails_fast(base_project, tmp_path, clean_env):
     root = clone(base_project, tmp_path / "p")
     clean_env.setenv("RAY_ADDRESS", "127.0.0.1:9")  # discard port: nothing listens
     with pytest.raises(PipelineError, match=r"RAY_ADDRESS=127.0.0.1:9: Ray cluster unreachable"):
         train_stage(load_params(root / "params.yaml"), root)
+    assert not (root / "mlflow.db").exists()
 
 
 def test_log_epochs_never_logs_a_step_twice(tmp_path):
@@ -267,6 +277,50 @@ def test_log_epochs_never_logs_a_step_twice(tmp_path):
     assert (again, resumed) == (run_id, True)
     tracking.log_params(run_id, {"a.password": "p", "a.uri": "http://u:pw@host/", "a.n": 3})
     assert client.get_run(run_id).data.params == {"a.n": "3"}
+
+
+_WRITER = """
+import sys
+import mlflow
+from src import tracking
+uri, name = sys.argv[1], sys.argv[2]
+mlflow.set_tracking_uri(uri)
+exp = tracking.get_or_create_experiment("shared", None)
+run_id, _ = tracking.open_run(exp, name, {"writer": name})
+history = []
+for step in range(1, 41):
+    history.append({"epoch": step, "val_accuracy": step / 100, "train_loss": 1.0 / step})
+    tracking.log_epochs(uri, run_id, history)
+tracking.log_params(run_id, {f"p.{i}": i for i in range(30)})
+tracking.end_run(run_id, "FINISHED")
+"""
+
+
+def test_concurrent_writers_to_one_sqlite_store(tmp_path):
+    """Two processes logging into the same SQLite store at once: no 'database is locked'."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    tracking.get_or_create_experiment("shared", tmp_path)  # the store exists before the race
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _WRITER, uri, f"w{i}"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+    client = mlflow.MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("shared").experiment_id])
+    assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
+    for run in runs:
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
+        assert sorted(steps) == list(range(1, 41))
 
 
 # ---------------------------------------------------------------------------------------------
