@@ -16,6 +16,16 @@ from pathlib import Path
 from typing import Any
 
 
+def shared_root(root: str | os.PathLike | None = None) -> Path:
+    """Where state that every experiment shares lives: the MLflow store, Ray checkpoints.
+
+    That is the DVC repository's root. `dvc exp run --queue` runs the stages in a temporary copy
+    of the repository and sets DVC_ROOT to the real one, so queued experiments log into the same
+    store as `dvc repro`. Outside DVC it is `root` (default: the working directory).
+    """
+    return Path(os.environ.get("DVC_ROOT") or root or Path.cwd()).resolve()
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from src.errors import PipelineError
-from src.files import read_json, write_json
+from src.files import read_json, shared_root, write_json
 
 DB_NAME = "mlflow.db"
 ARTIFACTS_NAME = "mlartifacts"
@@ -32,8 +32,7 @@ def tracking_uri(root: str | os.PathLike | None = None) -> str:
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         return env
-    root = Path(root or Path.cwd()).resolve()
-    return f"sqlite:///{root / DB_NAME}"
+    return f"sqlite:///{shared_root(root) / DB_NAME}"
 
 
 def redacted(uri: str) -> str:
@@ -84,7 +83,7 @@ def get_or_create_experiment(name: str, root: str | os.PathLike | None = None) -
         return exp.experiment_id
     location = None
     if tracking_uri(root).startswith("sqlite:"):
-        location = (Path(root or Path.cwd()).resolve() / ARTIFACTS_NAME).as_uri()
+        location = (shared_root(root) / ARTIFACTS_NAME).as_uri()
     return mlflow.create_experiment(name, artifact_location=location)
 
 

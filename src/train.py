@@ -71,7 +71,7 @@ import torch.nn.functional as F
 from src import tracking
 from src.config import Params, TrainParams
 from src.errors import PipelineError
-from src.files import atomic_dir, write_json
+from src.files import atomic_dir, shared_root, write_json
 from src.model import CNN, CNNConfig, SpecError, build_config, save_checkpoint
 
 CODE_ROOT = Path(__file__).resolve().parents[1]  # shipped to a remote cluster's workers
@@ -918,10 +918,11 @@ class RunFolder:
 
 def storage_uri(storage_path: str, root: Path) -> str:
     """train.storage_path as Ray needs it: URIs as they are, local paths absolute (Ray changes
-    the workers' working directory)."""
+    the workers' working directory; relative ones under the DVC repository's root, so queued
+    experiments share one checkpoint store)."""
     if "://" in storage_path:
         return storage_path
-    return str((root / storage_path).resolve())
+    return str((shared_root(root) / storage_path).resolve())
 
 
 def data_fingerprint(folder: str | os.PathLike) -> str:
