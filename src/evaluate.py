@@ -165,6 +165,24 @@ def _plt():
     return plt
 
 
+def plot_curves(history: list[dict[str, Any]], path: str | os.PathLike) -> None:
+    """Training curves as a PNG: train and validation loss and accuracy per epoch."""
+    plt = _plt()
+    epochs = [e["epoch"] for e in history]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, what in zip(axes, ("loss", "accuracy"), strict=True):
+        ax.plot(epochs, [e[f"train_{what}"] for e in history], marker="o", label="train")
+        ax.plot(epochs, [e[f"val_{what}"] for e in history], marker="o", label="validation")
+        ax.set_xlabel("epoch")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_title(what)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def plot_confusion(ev: Evaluation, path: str | os.PathLike) -> None:
     """The confusion matrix (counts, rows = actual) as a PNG."""
     from sklearn.metrics import confusion_matrix

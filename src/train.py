@@ -996,7 +996,7 @@ def summary_metrics(best: dict[str, Any], history: list[dict[str, Any]]) -> dict
 
 def write_plots(folder: str | os.PathLike, history: list[dict[str, Any]]) -> None:
     """Per-epoch curves for DVC, written by DVCLive: `folder`/<metric>.tsv (columns step =
-    epoch, value). The folder appears whole (atomic); DVCLive's own params, dvc.yaml and summary
+    epoch, value), and curves.png (loss and accuracy, train and validation). The folder appears whole (atomic); DVCLive's own params, dvc.yaml and summary
     are left out (params.yaml and metrics/train.json hold them)."""
     from dvclive import Live
 
@@ -1018,6 +1018,9 @@ def write_plots(folder: str | os.PathLike, history: list[dict[str, Any]]) -> Non
             os.chdir(cwd)
         for tsv in (Path(scratch) / "live" / "plots" / "metrics").glob("*.tsv"):
             shutil.move(tsv, tmp / tsv.name)
+        from src.evaluate import plot_curves
+
+        plot_curves(history, tmp / "curves.png")
 
 
 def train_stage(params: Params, root: str | os.PathLike = ".") -> dict[str, Any]:
@@ -1151,6 +1154,7 @@ def write_outputs(
 
         log_pyfunc_model(model_path)
         tracking.set_tag(run_id, "best_epoch", str(metrics["best_epoch"]))
+    tracking.log_to_run(run_id, {}, {"plots": [root / paths.plots / "train" / "curves.png"]})
     return metrics
 
 
