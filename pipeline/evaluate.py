@@ -16,6 +16,7 @@ def main() -> None:
     paths = params.paths
     models = Path(paths.models)
     run = tracking.read_run_file(models / "run.json")  # fail before the work, not after
+    tracking.setup()  # likewise an unreachable tracking store: before any output is written
 
     ev = evaluate_model(
         models / "model.pt", paths.processed, params.evaluate.batch_size, quiet=quiet(args)
@@ -26,7 +27,6 @@ def main() -> None:
         Path(paths.plots) / "evaluate",
         params.evaluate.misclassified,
     )
-    tracking.setup()
     samples = Path(paths.processed) / "samples.png"
     tracking.log_to_run(
         run["run_id"],

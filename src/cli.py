@@ -30,7 +30,9 @@ def quiet(args: argparse.Namespace | None = None) -> bool:
 
 
 def run_stage(main: Callable[[], None]) -> None:
-    """Run `main`; a PipelineError (or Ctrl-C) becomes one line on stderr and a non-zero exit.
+    """Run `main`; a PipelineError, an OSError (a path or service of the environment) or
+    Ctrl-C becomes one line on stderr and a non-zero exit. Any other exception is a bug and
+    keeps its traceback.
 
     Full tracebacks with `--debug` or CNN_DEBUG=1.
     """
@@ -45,3 +47,20 @@ def run_stage(main: Callable[[], None]) -> None:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
+    except OSError as e:
+        # The environment, not the code: a path that cannot be read or created, a full disk,
+        # a refused connection. One line naming the path; other exceptions are bugs and keep
+        # their traceback.
+        if debug:
+            traceback.print_exc()
+        print(f"error: {os_error_line(e)}", file=sys.stderr)
+        sys.exit(2)
+
+
+def os_error_line(e: OSError) -> str:
+    """An OSError as one line: 'path: reason' (both paths for a rename), else its message."""
+    if e.filename is not None and e.strerror:
+        names = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 is not None else "")
+        return f"{names}: {e.strerror}"
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__

@@ -284,18 +284,21 @@ def load_model(model_uri: str, root: str | os.PathLike | None = None):
     Raises PipelineError naming `model_uri` when the model, version or alias does not exist,
     or when it is not this pipeline's image classifier.
     """
+    from mlflow.models import get_model_info
+
     uri = tracking.setup(root)
     try:
-        model = mlflow.pyfunc.load_model(model_uri)
+        # The kind is read from the MLmodel file first: a pyfunc's Python object is unpickled
+        # on load, so a model this pipeline did not log is refused before it is loaded.
+        meta = get_model_info(model_uri).metadata or {}
+        if meta.get(KIND_TAG) != KIND:
+            raise PipelineError(f"{model_uri}: not an image classifier logged by this pipeline")
+        return mlflow.pyfunc.load_model(model_uri)
     except MlflowException as e:
         first = str(e.message).splitlines()[0] if e.message else e.error_code
         raise PipelineError(
             f"{model_uri}: cannot load the model from {tracking.redacted(uri)} ({first})"
         ) from None
-    meta = model.metadata.metadata or {}
-    if meta.get(KIND_TAG) != KIND:
-        raise PipelineError(f"{model_uri}: not an image classifier logged by this pipeline")
-    return model
 
 
 # ---------------------------------------------------------------------------------------------

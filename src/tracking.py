@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import random
 import re
@@ -36,14 +37,24 @@ def tracking_uri(root: str | os.PathLike | None = None) -> str:
 
 
 def redacted(uri: str) -> str:
-    """The URI without a password or token, for messages and logs."""
+    """The URI without a user, password or token (userinfo, and credential-looking query
+    values such as ?token=), for messages and logs; anything else is left as it is written.
+
+    Edits the string in place rather than re-joining urlsplit's parts, which would turn
+    'sqlite:////abs/mlflow.db' into 'sqlite://abs/mlflow.db'.
+    """
     parts = urllib.parse.urlsplit(uri)
-    if parts.password or parts.username:
-        host = parts.hostname or ""
-        if parts.port:
-            host += f":{parts.port}"
-        parts = parts._replace(netloc=f"***@{host}")
-    return urllib.parse.urlunsplit(parts)
+    out = uri
+    if "@" in parts.netloc:
+        out = out.replace(parts.netloc, "***@" + parts.netloc.rsplit("@", 1)[1], 1)
+    if parts.query:
+        pairs = parts.query.split("&")
+        safe = [
+            f"{p.split('=', 1)[0]}=***" if "=" in p and _SECRET_KEY.search(p.split("=", 1)[0]) else p
+            for p in pairs
+        ]
+        out = out.replace("?" + parts.query, "?" + "&".join(safe), 1)
+    return out
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
@@ -70,8 +81,33 @@ def setup(root: str | os.PathLike | None = None) -> str:
 
     uri = absolute_uri(tracking_uri(root))
     check_reachable(uri)
+    # MLflow announces a new SQLite store's tables at INFO on stderr: noise in front of a
+    # stage's one-line error, and in every first run
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     mlflow.set_tracking_uri(uri)
+    _check_store(uri)
     return uri
+
+
+def _check_store(uri: str) -> None:
+    """One cheap query, so that a store MLflow cannot use (the disabled file store, a file that
+    is not a database, a server refusing the credentials) is one line naming the URI, before
+    any work, instead of a traceback from deep inside a stage."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import SQLAlchemyError
+
+    where = (
+        f"MLFLOW_TRACKING_URI={redacted(uri)}"
+        if os.environ.get("MLFLOW_TRACKING_URI")
+        else f"tracking store {redacted(uri)}"
+    )
+    try:
+        with_retry(MlflowClient(uri).search_experiments, max_results=1)
+    except (MlflowException, SQLAlchemyError, OSError) as e:
+        text = getattr(e, "message", None) or str(e) or type(e).__name__
+        first = text.strip().splitlines()[0].split(". ")[0][:200]  # its first sentence
+        raise PipelineError(f"{where}: cannot use the tracking store ({first})") from None
 
 
 def get_or_create_experiment(name: str, root: str | os.PathLike | None = None) -> str:

@@ -837,12 +837,21 @@ def fit(
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
+    main = threading.current_thread() is threading.main_thread()
+    sigint = signal.getsignal(signal.SIGINT) if main else None
     try:
         return trainer.fit()
     except TrainingFailedError as e:
         raise PipelineError(
             f"train: training failed (train.max_failures={train.max_failures}): {_worker_error(e)}"
         ) from None
+    except SystemExit:
+        # Ray Train's own Ctrl-C handler aborts the run, then calls sys.exit(0): an interrupted
+        # training must not look like a finished one (exit 0 to DVC), so it is a Ctrl-C here.
+        raise KeyboardInterrupt from None
+    finally:
+        if main:  # fit() leaves that handler installed, bound to a controller now gone
+            signal.signal(signal.SIGINT, sigint)
 
 
 def best_checkpoint(result: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -954,7 +963,12 @@ def run_key(params: Params, data_hash: str) -> str:
 @contextlib.contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
     """Treat SIGTERM like Ctrl-C (KeyboardInterrupt), so a killed stage still marks its MLflow
-    run and shuts Ray down; the next run resumes from the last checkpoint."""
+    run and shuts Ray down; the next run resumes from the last checkpoint.
+
+    Run by DVC (DVC_STAGE set), the stage also stops this way when the dvc process that started
+    it dies: `dvc repro` does not pass a SIGTERM on to its stage, and an orphaned training
+    would go on alone, racing the next `dvc repro` for the same checkpoints.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -963,10 +977,25 @@ def sigterm_as_interrupt() -> Iterator[None]:
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, handler)
+    done = threading.Event()
+    if os.environ.get("DVC_STAGE"):
+        watch = threading.Thread(
+            target=_stop_with_parent, args=(os.getppid(), done), name="parent-watch", daemon=True
+        )
+        watch.start()
     try:
         yield
     finally:
+        done.set()
         signal.signal(signal.SIGTERM, previous)
+
+
+def _stop_with_parent(parent: int, done: threading.Event, every: float = 0.5) -> None:
+    """SIGTERM this process once its parent `parent` is gone (it is re-parented), unless `done`."""
+    while not done.wait(every):
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
 
 
 def model_extra(meta: dict[str, Any]) -> dict[str, Any]:

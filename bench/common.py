@@ -1,0 +1,403 @@
+"""What the benchmarks share: the machine and versions, noise from other processes, alternating
+runs, scratch projects, and subprocesses timed line by line with their memory sampled."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+OUT = REPO / "bench" / "out"  # scratch projects and data (git-ignored)
+RESULTS = REPO / "bench" / "results"  # one JSON per item: BENCHMARKS.md is built from them
+FASHION = REPO.parent / "shared" / "data" / "fashion-mnist"
+PROJECT_FILES = ("dvc.yaml", "pyproject.toml", "src", "pipeline")
+VERSIONED = ("torch", "ray", "mlflow", "dvc", "albumentations", "numpy", "opencv-python-headless")
+
+
+def cpus() -> int:
+    """CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def machine() -> dict[str, Any]:
+    """CPU model, cores, memory, the SIMD extensions that matter to torch, and the GPU if any."""
+    model, flags = platform.processor() or platform.machine(), set()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    simd = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    info = {
+        "cpu": model,
+        "cores": cpus(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "simd": simd,
+        "os": platform.platform(),
+        "gpu": None,
+    }
+    import torch
+
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def versions() -> dict[str, str]:
+    """python and the libraries whose speed the figures depend on."""
+    out = {"python": platform.python_version()}
+    for name in VERSIONED:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+def loadavg() -> list[float]:
+    """The 1, 5 and 15 minute load averages."""
+    return [round(v, 2) for v in os.getloadavg()]
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values))
+
+
+# ---------------------------------------------------------------------------------------------
+# Noise: CPU used by processes that are not ours
+
+
+def _ours(root: int) -> set[int]:
+    """This process and its descendants (Ray's raylet and workers, stage subprocesses)."""
+    try:
+        proc = psutil.Process(root)
+        return {root, *(p.pid for p in proc.children(recursive=True))}
+    except psutil.Error:
+        return {root}
+
+
+class Noise:
+    """Samples, every `interval` s in a thread, the CPU seconds each process on the machine used;
+    `foreign_share()` is the CPU used by processes that are not this one or its descendants, as
+    a fraction of all cores over the window. A benchmark on a shared machine uses it to tell a
+    quiet measurement from a disturbed one (then repeated). Granularity: a foreign process that
+    lives less than one interval is missed."""
+
+    def __init__(self, interval: float = 0.5) -> None:
+        self.interval = interval
+        self.root = os.getpid()
+        self._first: dict[tuple[int, float], float] = {}
+        self._last: dict[tuple[int, float], float] = {}
+        self._foreign: set[tuple[int, float]] = set()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.start_time = 0.0
+        self.stop_time = 0.0
+
+    def _sample(self, initial: bool = False) -> None:
+        ours = _ours(self.root)
+        for p in psutil.process_iter(["pid", "create_time", "cpu_times"]):
+            try:
+                key = (p.info["pid"], p.info["create_time"])
+                t = p.info["cpu_times"]
+                used = t.user + t.system
+            except (psutil.Error, TypeError, AttributeError):
+                continue
+            if key not in self._first:
+                # a process born during the window used all its CPU time inside it
+                self._first[key] = used if initial or key[1] < self.start_time else 0.0
+            self._last[key] = used
+            if key[0] not in ours:
+                self._foreign.add(key)
+            else:
+                self._foreign.discard(key)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def __enter__(self) -> Noise:
+        self.start_time = time.time()
+        self._sample(initial=True)
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._sample()
+        self.stop_time = time.time()
+
+    def foreign_seconds(self) -> float:
+        """CPU seconds used by other processes during the window."""
+        return sum(max(self._last[k] - self._first[k], 0.0) for k in self._foreign)
+
+    def foreign_share(self) -> float:
+        """foreign_seconds over (window x cores): 0 = we had the machine to ourselves."""
+        wall = max((self.stop_time or time.time()) - self.start_time, 1e-9)
+        return self.foreign_seconds() / (wall * cpus())
+
+
+def wait_quiet(limit: float = 0.1, patience: float = 120.0, probe: float = 3.0) -> float:
+    """Wait (up to `patience` s) until other processes use less than `limit` of the CPUs over
+    `probe` s; return the last share seen."""
+    deadline = time.time() + patience
+    while True:
+        with Noise() as n:
+            time.sleep(probe)
+        share = n.foreign_share()
+        if share < limit or time.time() > deadline:
+            return share
+        time.sleep(2)
+
+
+@dataclass
+class Measurement:
+    """One run of a variant: what it returned, how noisy the machine was, how often it ran."""
+
+    variant: str
+    result: dict[str, Any]
+    foreign_share: float
+    attempts: int
+    load_before: list[float]
+    load_after: list[float]
+
+
+@dataclass
+class Alternation:
+    """Variants run A B C A B C ... (`rounds` times), each repeated while the machine was busy."""
+
+    variants: dict[str, Callable[[], dict[str, Any]]]
+    rounds: int = 3
+    noise_limit: float = 0.10  # share of the CPUs other processes may use during a measurement
+    retries: int = 2  # extra attempts of a disturbed measurement
+    patience: float = 120.0  # seconds to wait for a quiet machine before each attempt
+    log: Callable[[str], None] = print
+    runs: list[Measurement] = field(default_factory=list)
+
+    def run(self) -> list[Measurement]:
+        for r in range(self.rounds):
+            for name, fn in self.variants.items():
+                for attempt in range(1, self.retries + 2):
+                    wait_quiet(self.noise_limit, self.patience)
+                    before = loadavg()
+                    with Noise() as noise:
+                        result = fn()
+                    share = noise.foreign_share()
+                    self.log(
+                        f"  round {r + 1} {name}: {_short(result)} (others used "
+                        f"{share:.0%} of the CPUs{', retrying' if share > self.noise_limit and attempt <= self.retries else ''})"
+                    )
+                    if share <= self.noise_limit or attempt > self.retries:
+                        break
+                self.runs.append(Measurement(name, result, share, attempt, before, loadavg()))
+        return self.runs
+
+    def values(self, variant: str, key: str) -> list[float]:
+        return [m.result[key] for m in self.runs if m.variant == variant]
+
+
+def _short(result: dict[str, Any]) -> str:
+    return ", ".join(
+        f"{k} {v:,.1f}" if isinstance(v, float) else f"{k} {v}"
+        for k, v in result.items()
+        if isinstance(v, int | float)
+    )[:160]
+
+
+# ---------------------------------------------------------------------------------------------
+# Scratch projects and timed subprocesses
+
+
+def stage_env(**extra: str) -> dict[str, str]:
+    """The environment stage subprocesses run with: this venv first on PATH, unbuffered output
+    (lines are timestamped as they arrive), no update checks, no progress bars, local stores."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update(NO_ALBUMENTATIONS_UPDATE="1", PYTHONUNBUFFERED="1", CNN_QUIET="1")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("RAY_ADDRESS", None)
+    env.update(extra)
+    return env
+
+
+def make_project(dest: Path, params: dict[str, Any]) -> Path:
+    """A fresh copy of the project in `dest` (its own git + DVC repo, empty caches and stores)
+    with `params` as its params.yaml: what a user has after `make install`."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    for name in PROJECT_FILES:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, dest / name)
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    shutil.copy2(REPO / ".gitignore", dest / ".gitignore")
+    env = stage_env()
+    quiet = {"check": True, "env": env, "cwd": dest, "capture_output": True}
+    subprocess.run(["git", "init", "-q"], **quiet)
+    subprocess.run(["dvc", "init", "-q"], **quiet)
+    subprocess.run(["dvc", "config", "core.analytics", "false"], **quiet)
+    subprocess.run(["git", "add", "-A"], **quiet)
+    subprocess.run(
+        ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost", "commit", "-qm", "p"],
+        **quiet,
+    )
+    return dest
+
+
+def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    return yaml.safe_load(Path(path).read_text())
+
+
+@dataclass
+class Timed:
+    """A finished subprocess: its lines with arrival times (s since start), exit code, wall
+    time, and memory samples of its process tree (t, sum of RSS, sum of PSS, largest RSS)."""
+
+    cmd: list[str]
+    returncode: int
+    seconds: float
+    lines: list[tuple[float, str]]
+    memory: list[tuple[float, int, int, int]]
+
+    def output(self, last: int = 40) -> str:
+        return "\n".join(line for _, line in self.lines[-last:])
+
+    def peak(self, start: float = 0.0, stop: float = float("inf")) -> dict[str, float]:
+        """Peak tree RSS / PSS and the largest single process RSS (MiB) in [start, stop]."""
+        rows = [m for m in self.memory if start <= m[0] <= stop] or self.memory
+        mib = 2**20
+        return {
+            "rss_mib": max((m[1] for m in rows), default=0) / mib,
+            "pss_mib": max((m[2] for m in rows), default=0) / mib,
+            "largest_process_rss_mib": max((m[3] for m in rows), default=0) / mib,
+        }
+
+
+def _tree_memory(pid: int) -> tuple[int, int, int]:
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0, 0, 0
+    rss = pss = largest = 0
+    for p in procs:
+        try:
+            full = p.memory_full_info()  # PSS shares the object store's pages out fairly
+        except psutil.Error:
+            continue
+        rss += full.rss
+        pss += getattr(full, "pss", full.rss)
+        largest = max(largest, full.rss)
+    return rss, pss, largest
+
+
+def run_timed(
+    cmd: list[str],
+    cwd: str | os.PathLike,
+    env: dict[str, str] | None = None,
+    sample: float = 0.5,
+    echo: Callable[[str], None] | None = None,
+    timeout: float = 3600,
+) -> Timed:
+    """Run `cmd`, timestamping each output line (stdout and stderr merged) and sampling its
+    process tree's memory every `sample` s."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(
+        cmd, cwd=cwd, env=env or stage_env(), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, bufsize=1,
+    )  # fmt: skip
+    memory: list[tuple[float, int, int, int]] = []
+    done = threading.Event()
+
+    def sampler() -> None:
+        while not done.wait(sample):
+            memory.append((time.perf_counter() - start, *_tree_memory(proc.pid)))
+
+    thread = threading.Thread(target=sampler, daemon=True)
+    thread.start()
+    lines: list[tuple[float, str]] = []
+    assert proc.stdout is not None
+    try:
+        for line in proc.stdout:
+            lines.append((time.perf_counter() - start, line.rstrip("\n")))
+            if echo is not None:
+                echo(line.rstrip("\n"))
+            if time.perf_counter() - start > timeout:
+                proc.kill()
+        proc.wait()
+    finally:
+        done.set()
+        thread.join()
+        if proc.poll() is None:
+            proc.kill()
+    return Timed(cmd, proc.returncode, time.perf_counter() - start, lines, memory)
+
+
+def check(timed: Timed, what: str) -> Timed:
+    """Raise with the tail of the output when the command failed."""
+    if timed.returncode != 0:
+        raise RuntimeError(f"{what} failed (exit {timed.returncode}):\n{timed.output()}")
+    return timed
+
+
+# ---------------------------------------------------------------------------------------------
+# Results
+
+
+def save_result(name: str, result: dict[str, Any], folder: Path = RESULTS) -> Path:
+    """bench/results/<name>.json, with the machine, versions and when it was measured."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.json"
+    result = {
+        "item": name,
+        "measured_at": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "machine": machine(),
+        "versions": versions(),
+        **result,
+    }
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return path
+
+
+def load_results(folder: Path = RESULTS) -> dict[str, dict[str, Any]]:
+    """Every saved item result, by item name."""
+    if not folder.exists():
+        return {}
+    return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
+
+
+@contextlib.contextmanager
+def chdir(path: str | os.PathLike) -> Iterator[None]:
+    old = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)

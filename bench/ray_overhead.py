@@ -1,0 +1,167 @@
+"""Item 1: the training loop through Ray Train (the train stage's own code: `src.train.run_ray`,
+TorchTrainer + per-epoch report and checkpoint) against the plain single-process loop
+(`src.train.run_local`) on the same model, data, global batch and thread count; and 2 workers x
+1 thread against 1 worker x 2 threads.
+
+Throughput is per epoch, excluding Ray's start-up (reported separately):
+  epoch_ips  training images / wall time between consecutive epoch ends (epochs 2..E), i.e. the
+             training pass + validation + (Ray) report and checkpoint. Plain: the time of each
+             on_epoch call; Ray: the modification time of each epoch's persisted checkpoint.
+  loop_ips   the training pass alone (history's images_per_sec, epochs 2..E).
+  fixed_s    fit wall time minus E epochs at the median epoch time (start-up and shutdown).
+Variants run in turn, plain ray1 ray2 plain ..., in one Ray instance (`ray_session`).
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.common import Alternation, median
+from src.config import Params, parse_params
+from src.preprocess import Processed
+
+VARIANTS = {  # name: (workers, threads per worker)
+    "plain": (1, 2),
+    "ray1": (1, 2),
+    "ray2": (2, 1),
+}
+
+
+def subset(processed: Processed, n: int) -> Processed:
+    """The first n training rows (of data preprocessed with augment_copies 0) as a Processed."""
+    if processed.meta["augment_copies"] != 0:
+        raise ValueError("subset needs data preprocessed with augment_copies 0")
+    n = min(n, len(processed.train_labels))
+    meta = dict(processed.meta, num_train=n, num_originals=n)
+    return Processed(
+        np.array(processed.train_images[:n]), np.array(processed.train_labels[:n]),
+        processed.test_images, processed.test_labels, meta,
+    )  # fmt: skip
+
+
+def variant_params(raw: dict[str, Any], workers: int, threads: int, epochs: int) -> Params:
+    """`raw` params with the variant's scaling; every checkpoint kept (their times are read)."""
+    raw = copy.deepcopy(raw)
+    raw["train"].update(
+        num_workers=workers, cpus_per_worker=threads, epochs=epochs, keep_checkpoints=epochs,
+        max_failures=0, use_gpu=False,
+    )  # fmt: skip
+    return parse_params(raw)
+
+
+def _rates(history: list[dict[str, Any]], ends: list[float], wall: float) -> dict[str, Any]:
+    images = [e["images_per_sec"] * e["epoch_seconds"] for e in history]
+    intervals = np.diff(ends).tolist()  # epoch 2..E
+    per_epoch = median(intervals)
+    return {
+        "epoch_ips": median(images[1:]) / per_epoch,
+        "loop_ips": median([e["images_per_sec"] for e in history[1:]]),
+        "epoch_s": per_epoch,
+        "train_pass_s": median([e["epoch_seconds"] for e in history[1:]]),
+        "fixed_s": wall - len(history) * per_epoch,
+        "wall_s": wall,
+        "val_accuracy": history[-1]["val_accuracy"],
+    }
+
+
+def run_plain(params: Params, data: Processed) -> dict[str, Any]:
+    """One plain-loop run: its rates (see the module docstring)."""
+    from src.train import run_local
+
+    ends: list[float] = []
+    start = time.time()
+    history = run_local(params, data, on_epoch=lambda *a: ends.append(time.time()))
+    return _rates(history, ends, time.time() - start)
+
+
+def checkpoint_times(storage: Path) -> list[float]:
+    """When each epoch's checkpoint was persisted (Ray reports them in epoch order)."""
+    files = sorted(storage.glob("*/checkpoint_*/state.pt"), key=lambda p: p.stat().st_mtime)
+    return [p.stat().st_mtime for p in files]
+
+
+def run_on_ray(params: Params, data: Processed, scratch: Path) -> dict[str, Any]:
+    """One Ray Train run (fresh run folder under `scratch`): its rates."""
+    from src.train import run_ray
+
+    storage = Path(tempfile.mkdtemp(dir=scratch))
+    start = time.time()
+    history = run_ray(params, data, storage)
+    wall = time.time() - start
+    ends = checkpoint_times(storage)
+    if len(ends) != len(history):
+        raise RuntimeError(f"expected {len(history)} checkpoints in {storage}, found {len(ends)}")
+    return _rates(history, ends, wall)
+
+
+def measure(
+    raw: dict[str, Any],
+    data: Processed,
+    scratch: Path,
+    *,
+    epochs: int = 4,
+    rounds: int = 3,
+    variants: tuple[str, ...] = tuple(VARIANTS),
+    noise_limit: float = 0.10,
+    log: Any = print,
+) -> dict[str, Any]:
+    """Alternate the variants `rounds` times; medians and ratios against the plain loop.
+
+    Args:
+        raw: params as a dict (model and train sections are used; scaling is overridden).
+        data: processed training data (e.g. `subset` of Fashion-MNIST).
+        scratch: a folder for Ray's run folders.
+    """
+    from src.train import ray_session
+
+    scratch.mkdir(parents=True, exist_ok=True)
+    params = {name: variant_params(raw, w, t, epochs) for name, (w, t) in VARIANTS.items()}
+    fns = {}
+    for name in variants:
+        if name == "plain":
+            fns[name] = lambda p=params[name]: run_plain(p, data)
+        else:
+            fns[name] = lambda p=params[name]: run_on_ray(p, data, scratch)
+    start = time.time()
+    with ray_session():  # one Ray instance for every run: its start-up is item 4's
+        ray_up = time.time() - start
+        alt = Alternation(fns, rounds=rounds, noise_limit=noise_limit, log=log)
+        runs = alt.run()
+    summary: dict[str, Any] = {}
+    for name in variants:
+        summary[name] = {
+            key: median(alt.values(name, key))
+            for key in ("epoch_ips", "loop_ips", "epoch_s", "train_pass_s", "fixed_s", "wall_s")
+        }
+        summary[name]["threads"] = f"{VARIANTS[name][0]} x {VARIANTS[name][1]}"
+    ratios = {}
+    if "plain" in summary and "ray1" in summary:
+        for key in ("epoch_ips", "loop_ips"):
+            ratios[f"ray1/plain {key}"] = summary["ray1"][key] / summary["plain"][key]
+    if "ray1" in summary and "ray2" in summary:
+        for key in ("epoch_ips", "loop_ips"):
+            ratios[f"ray2/ray1 {key}"] = summary["ray2"][key] / summary["ray1"][key]
+    return {
+        "setup": {
+            "rows": len(data.train_labels),
+            "image_size": data.meta["image_size"],
+            "epochs": epochs,
+            "rounds": rounds,
+            "batch_size": raw["train"]["batch_size"],
+            "model": raw["model"],
+            "ray_init_s": ray_up,
+        },
+        "summary": summary,
+        "ratios": ratios,
+        "runs": [
+            {"variant": m.variant, **m.result, "foreign_share": m.foreign_share,
+             "attempts": m.attempts, "load_before": m.load_before, "load_after": m.load_after}
+            for m in runs
+        ],  # fmt: skip
+    }
