@@ -8,6 +8,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import psutil
 import yaml
 
@@ -164,6 +166,8 @@ class Noise:
 def wait_quiet(limit: float = 0.1, patience: float = 120.0, probe: float = 3.0) -> float:
     """Wait (up to `patience` s) until other processes use less than `limit` of the CPUs over
     `probe` s; return the last share seen."""
+    if limit >= 1.0:
+        return 0.0
     deadline = time.time() + patience
     while True:
         with Noise() as n:
@@ -275,47 +279,59 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     return yaml.safe_load(Path(path).read_text())
 
 
+MIB = 2**20
+
+
 @dataclass
 class Timed:
     """A finished subprocess: its lines with arrival times (s since start), exit code, wall
-    time, and memory samples of its process tree (t, sum of RSS, sum of PSS, largest RSS)."""
+    time, and memory samples of its process tree (`tree_memory` dicts with a time "t")."""
 
     cmd: list[str]
     returncode: int
     seconds: float
     lines: list[tuple[float, str]]
-    memory: list[tuple[float, int, int, int]]
+    memory: list[dict[str, float]]
 
     def output(self, last: int = 40) -> str:
         return "\n".join(line for _, line in self.lines[-last:])
 
     def peak(self, start: float = 0.0, stop: float = float("inf")) -> dict[str, float]:
-        """Peak tree RSS / PSS and the largest single process RSS (MiB) in [start, stop]."""
-        rows = [m for m in self.memory if start <= m[0] <= stop] or self.memory
-        mib = 2**20
-        return {
-            "rss_mib": max((m[1] for m in rows), default=0) / mib,
-            "pss_mib": max((m[2] for m in rows), default=0) / mib,
-            "largest_process_rss_mib": max((m[3] for m in rows), default=0) / mib,
-        }
+        """Peak of each memory figure (MiB) over the samples in [start, stop]."""
+        rows = [m for m in self.memory if start <= m["t"] <= stop] or self.memory
+        keys = [k for k in (rows[0] if rows else {}) if k != "t"]
+        return {f"{k}_mib": max(m[k] for m in rows) / MIB for k in keys}
 
 
-def _tree_memory(pid: int) -> tuple[int, int, int]:
+def tree_memory(pid: int) -> dict[str, float]:
+    """Memory of a process and its descendants, in bytes:
+    rss     sum of resident sizes (pages shared by several processes count in each)
+    pss     sum of proportional sizes (shared pages split between their processes: Ray's object
+            store counts once)
+    anon    sum of anonymous resident memory (what the processes allocated; not file pages such
+            as memory-mapped outputs the kernel can drop, nor shared memory)
+    largest_rss, root_anon, largest_child_anon  single processes."""
+    out = dict.fromkeys(("rss", "pss", "anon", "largest_rss", "root_anon", "largest_child_anon"), 0)
     try:
         root = psutil.Process(pid)
         procs = [root, *root.children(recursive=True)]
     except psutil.Error:
-        return 0, 0, 0
-    rss = pss = largest = 0
+        return out
     for p in procs:
         try:
-            full = p.memory_full_info()  # PSS shares the object store's pages out fairly
+            full = p.memory_full_info()
         except psutil.Error:
             continue
-        rss += full.rss
-        pss += getattr(full, "pss", full.rss)
-        largest = max(largest, full.rss)
-    return rss, pss, largest
+        anon = full.rss - full.shared
+        out["rss"] += full.rss
+        out["pss"] += getattr(full, "pss", full.rss)
+        out["anon"] += anon
+        out["largest_rss"] = max(out["largest_rss"], full.rss)
+        if p.pid == pid:
+            out["root_anon"] = anon
+        else:
+            out["largest_child_anon"] = max(out["largest_child_anon"], anon)
+    return out
 
 
 def run_timed(
@@ -333,12 +349,12 @@ def run_timed(
         cmd, cwd=cwd, env=env or stage_env(), stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True, bufsize=1,
     )  # fmt: skip
-    memory: list[tuple[float, int, int, int]] = []
+    memory: list[dict[str, float]] = []
     done = threading.Event()
 
     def sampler() -> None:
         while not done.wait(sample):
-            memory.append((time.perf_counter() - start, *_tree_memory(proc.pid)))
+            memory.append({"t": time.perf_counter() - start, **tree_memory(proc.pid)})
 
     thread = threading.Thread(target=sampler, daemon=True)
     thread.start()
@@ -401,3 +417,69 @@ def chdir(path: str | os.PathLike) -> Iterator[None]:
         yield
     finally:
         os.chdir(old)
+
+
+# ---------------------------------------------------------------------------------------------
+# `dvc repro`, timed stage by stage
+
+STAGE_LINE = re.compile(r"Running stage '([\w-]+)'")
+EPOCH_LINE = re.compile(r"epoch (\d+)/(\d+)\s+train loss")
+
+
+def stage_windows(timed: Timed) -> dict[str, tuple[float, float]]:
+    """Each stage's (start, end) in a `dvc repro` run: from its "Running stage" line to the next
+    one (the last stage ends with the command)."""
+    starts = [(t, m.group(1)) for t, line in timed.lines if (m := STAGE_LINE.search(line))]
+    windows = {}
+    for i, (t, name) in enumerate(starts):
+        end = starts[i + 1][0] if i + 1 < len(starts) else timed.seconds
+        windows[name] = (t, end)
+    return windows
+
+
+def read_tsv(path: Path) -> list[float]:
+    """The value column of a DVCLive .tsv (one row per step)."""
+    rows = path.read_text().splitlines()[1:]
+    return [float(r.split("\t")[-1]) for r in rows if r.strip()]
+
+
+def training_time(timed: Timed, project: Path, plots: str = "plots") -> dict[str, float] | None:
+    """Training wall time of the train stage, from its first batch to its last epoch's report:
+    the arrival times of the per-epoch lines give epochs 2..E whole (training pass, validation,
+    report, checkpoint); epoch 1 is its training pass (epoch_seconds.tsv) plus the median of the
+    other epochs' time beyond their training pass."""
+    ends = {int(m.group(1)): t for t, line in timed.lines if (m := EPOCH_LINE.search(line))}
+    tsv = project / plots / "train" / "epoch_seconds.tsv"
+    if not ends or not tsv.exists():
+        return None
+    passes = read_tsv(tsv)
+    epochs = sorted(ends)
+    times = [ends[e] for e in epochs]
+    intervals = np.diff(times).tolist()
+    extra = [iv - passes[e - 1] for iv, e in zip(intervals, epochs[1:], strict=True)]
+    overhead = max(median(extra), 0.0) if extra else 0.0
+    return {
+        "epochs": len(epochs),
+        "training_s": times[-1] - times[0] + passes[0] + overhead,
+        "training_pass_s": sum(passes),
+        "per_epoch_overhead_s": overhead,
+    }
+
+
+def measure_repro(
+    project: Path, echo: Callable[[str], None] | None = None, **kw: Any
+) -> dict[str, Any]:
+    """`dvc repro` in `project`: total and per-stage wall time, per-stage peak memory of the
+    process tree, and the train stage's training time."""
+    timed = check(run_timed(["dvc", "repro"], cwd=project, echo=echo, **kw), "dvc repro")
+    stages = {}
+    for name, (start, end) in stage_windows(timed).items():
+        stages[name] = {"seconds": end - start, **timed.peak(start, end)}
+    params = load_yaml(project / "params.yaml")
+    return {
+        "seconds": timed.seconds,
+        "stages": stages,
+        "training": training_time(timed, project, params["paths"]["plots"]),
+        "peak": timed.peak(),
+        "tail": timed.output(15),
+    }

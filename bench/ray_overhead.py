@@ -160,8 +160,14 @@ def measure(
         "summary": summary,
         "ratios": ratios,
         "runs": [
-            {"variant": m.variant, **m.result, "foreign_share": m.foreign_share,
-             "attempts": m.attempts, "load_before": m.load_before, "load_after": m.load_after}
+            {
+                "variant": m.variant,
+                **m.result,
+                "foreign_share": m.foreign_share,
+                "attempts": m.attempts,
+                "load_before": m.load_before,
+                "load_after": m.load_after,
+            }
             for m in runs
         ],  # fmt: skip
     }

@@ -80,16 +80,21 @@ def setup(root: str | os.PathLike | None = None) -> str:
     import mlflow
 
     uri = absolute_uri(tracking_uri(root))
+    where = (  # before mlflow.set_tracking_uri, which sets MLFLOW_TRACKING_URI itself
+        f"MLFLOW_TRACKING_URI={redacted(uri)}"
+        if os.environ.get("MLFLOW_TRACKING_URI")
+        else f"tracking store {redacted(uri)}"
+    )
     check_reachable(uri)
     # MLflow announces a new SQLite store's tables at INFO on stderr: noise in front of a
     # stage's one-line error, and in every first run
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     mlflow.set_tracking_uri(uri)
-    _check_store(uri)
+    _check_store(uri, where)
     return uri
 
 
-def _check_store(uri: str) -> None:
+def _check_store(uri: str, where: str) -> None:
     """One cheap query, so that a store MLflow cannot use (the disabled file store, a file that
     is not a database, a server refusing the credentials) is one line naming the URI, before
     any work, instead of a traceback from deep inside a stage."""
@@ -97,11 +102,6 @@ def _check_store(uri: str) -> None:
     from mlflow.exceptions import MlflowException
     from sqlalchemy.exc import SQLAlchemyError
 
-    where = (
-        f"MLFLOW_TRACKING_URI={redacted(uri)}"
-        if os.environ.get("MLFLOW_TRACKING_URI")
-        else f"tracking store {redacted(uri)}"
-    )
     try:
         with_retry(MlflowClient(uri).search_experiments, max_results=1)
     except (MlflowException, SQLAlchemyError, OSError) as e:

@@ -1081,10 +1081,10 @@ def train_stage(params: Params, root: str | os.PathLike = ".") -> dict[str, Any]
     storage = storage_uri(t.storage_path, root)
     ray_name = f"train-{key}"
     folder = RunFolder(storage, ray_name)
+    uri = tracking.setup(root)  # an unreachable store fails here, before anything is deleted
     if folder.read(DONE_FILE) is not None:  # that run finished: train anew, don't "resume" it
         folder.delete()
 
-    uri = tracking.setup(root)
     experiment_id = tracking.get_or_create_experiment(t.experiment, root)
     run_name = os.environ.get("DVC_EXP_NAME") or f"train-{key[:8]}"
     # SIGTERM handler after ray.init, which installs its own (exit without marking the run)

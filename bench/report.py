@@ -1,0 +1,382 @@
+"""BENCHMARKS.md from the saved results (bench/results/*.json): a table of target vs measured
+first, then a section per item with its machine, versions, method, baseline, medians, ratio."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+TARGETS = {
+    "ray_overhead": 0.98,  # Ray Train 1 worker / plain loop, epoch images/s
+    "ray_scaling": 1.0,  # 2 workers x 1 thread / 1 worker x 2 threads
+    "accuracy": 0.935,  # Fashion-MNIST test accuracy ...
+    "training_s": 300.0,  # ... within 5 minutes of training
+    "per_core": 5000.0,  # preprocess images/s per core at 28x28
+    "scaling": 1.8,  # "near-linear" on 2 cores: 2 processes >= 1.8 x 1 process
+    "noop_s": 3.0,
+    "e2e_s": 120.0,
+    "gpu_busy": 0.90,
+}
+RERUN = {
+    "ray_overhead": "ray",
+    "fashion": "fashion",
+    "preprocess": "preprocess",
+    "memory": "memory",
+    "overheads": "overheads",
+    "gpu": "gpu",
+}
+
+
+def _ok(passed: bool | None) -> str:
+    return "n/a" if passed is None else ("**pass**" if passed else "**FAIL**")
+
+
+def _f(x: float | None, fmt: str = ",.0f") -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def _missing(name: str) -> str:
+    return f"Not measured yet: `python -m bench.run --only {RERUN[name]}`.\n"
+
+
+def _context(r: dict[str, Any]) -> str:
+    m, v = r["machine"], r["versions"]
+    versions = ", ".join(f"{k} {val}" for k, val in v.items())
+    return (
+        f"*Measured {r['measured_at']} on {m['cpu']} ({m['cores']} cores, "
+        f"{m['memory_gib']} GiB, {'/'.join(m['simd']) or 'no AVX'}), {versions}. "
+        f"Load average at start {r.get('load_start')}, at end {r.get('load_end')}.*\n"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Items: each returns (table rows, section text)
+
+
+def item_ray(r: dict[str, Any] | None) -> tuple[list[list[str]], str]:
+    head = "## 1. Ray Train overhead\n\n"
+    if r is None:
+        rows = [["1. Ray Train 1 worker / plain loop", "≥ 0.98", "-", "n/a"],
+                ["1. 2 workers / 1 worker", "≥ 1.0", "-", "n/a"]]  # fmt: skip
+        return rows, head + _missing("ray_overhead")
+    s, ratios, setup = r["summary"], r["ratios"], r["setup"]
+    over = ratios.get("ray1/plain epoch_ips")
+    scale = ratios.get("ray2/ray1 epoch_ips")
+    rows = [
+        ["1. Ray Train 1 worker / plain loop (epoch images/s)", "≥ 0.98", _f(over, ".3f"),
+         _ok(None if over is None else over >= TARGETS["ray_overhead"])],
+        ["1. 2 workers x 1 thread / 1 worker x 2 threads", "≥ 1.0", _f(scale, ".3f"),
+         _ok(None if scale is None else scale >= TARGETS["ray_scaling"])],
+    ]  # fmt: skip
+    table = ["| variant | workers x threads | epoch images/s | training pass images/s | epoch s | fixed s per fit |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for name, v in s.items():
+        table.append(
+            f"| {name} | {v['threads']} | {_f(v['epoch_ips'])} | {_f(v['loop_ips'])} | "
+            f"{_f(v['epoch_s'], '.2f')} | {_f(v['fixed_s'], '.1f')} |"
+        )
+    ratio_lines = "\n".join(f"- {k}: **{v:.3f}**" for k, v in ratios.items())
+    disturbed = [x for x in r["runs"] if x["foreign_share"] > 0.10]
+    text = (
+        head + _context(r) + "\n"
+        "Method: `bench/ray_overhead.py`. The plain loop is `src.train.run_local` (the epoch loop "
+        "of the stage in one process, no Ray: the baseline); the Ray variants are "
+        "`src.train.run_ray`, the stage's TorchTrainer with a report and a checkpoint per epoch. "
+        f"Same model (params.yaml's), global batch {setup['batch_size']}, Fashion-MNIST "
+        f"{setup['rows']:,} rows of {setup['image_size']}x{setup['image_size']}, {setup['epochs']} "
+        f"epochs per run, {setup['rounds']} rounds alternating plain, ray1, ray2 in one Ray "
+        "instance. *Epoch images/s* = training images over the wall time between consecutive epoch "
+        "ends (epochs 2..E: training pass + validation + Ray's report and checkpoint; for Ray, the "
+        "persisted checkpoints' times); *training pass* excludes validation and reporting; "
+        "*fixed s per fit* = fit wall time minus E epochs (worker group start-up and shutdown; "
+        f"Ray itself was started once, in {setup['ray_init_s']:.1f} s). Medians:\n\n"
+        + "\n".join(table) + "\n\nRatios (medians):\n\n" + ratio_lines + "\n\n"
+        + (f"{len(disturbed)} of {len(r['runs'])} runs were taken while other processes used "
+           "more than 10% of the CPUs (after retries).\n" if disturbed else
+           "Every run was taken with other processes using at most 10% of the CPUs.\n")
+        + r.get("notes", "")
+    )  # fmt: skip
+    return rows, text
+
+
+def item_fashion(r: dict[str, Any] | None) -> tuple[list[list[str]], str]:
+    head = "## 2. Time to accuracy on Fashion-MNIST\n\n"
+    if r is None:
+        return [["2. Fashion-MNIST test accuracy in ≤ 5 min of training", "≥ 0.935 in ≤ 300 s", "-",
+                 "n/a"]], head + _missing("fashion")  # fmt: skip
+    s = r["summary"]
+    passed = (
+        s["test_accuracy_median"] >= TARGETS["accuracy"]
+        and s["training_s_median"] <= TARGETS["training_s"]
+    )
+    rows = [
+        [
+            "2. Fashion-MNIST test accuracy in ≤ 5 min of training",
+            "≥ 0.935 in ≤ 300 s",
+            f"{s['test_accuracy_median']:.4f} in {s['training_s_median']:.0f} s (median of {s['runs']})",
+            _ok(passed),
+        ]
+    ]
+    runs = ["| seed | test accuracy | val accuracy | training s | train stage s | dvc repro s | images/s | others' CPU share |",
+            "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for x in r["runs"]:
+        runs.append(
+            f"| {x['seed']} | {x['test_accuracy']:.4f} | {x['val_accuracy']:.4f} | "
+            f"{_f(x['training_s'])} | {_f(x['train_stage_s'])} | {_f(x['repro_s'])} | "
+            f"{_f(x['images_per_sec'])} | {x['foreign_share']:.0%} |"
+        )
+    text = (
+        head + _context(r) + "\n"
+        "Method: `bench/fashion.py`. A fresh copy of the project with "
+        "`configs/fashion-mnist.yaml` as its params.yaml (data.path made absolute), then "
+        "`dvc repro`: the real stages (preprocess, train with Ray Train on 2 workers, evaluate, "
+        "register). *Test accuracy* is metrics/evaluate.json (the 10,000 test images); *training "
+        "s* is the train stage from its first batch to its last epoch's report (the arrival times "
+        "of the per-epoch lines, plus epoch 1 from its epoch_seconds); *train stage s* adds Python, "
+        "Ray and MLflow start-up and the model logging. Runs use seeds base.seed, base.seed+1, ...\n\n"
+        + "\n".join(runs) + "\n\n" + r.get("notes", "")
+    )  # fmt: skip
+    return rows, text
+
+
+def item_preprocess(r: dict[str, Any] | None) -> tuple[list[list[str]], str]:
+    head = "## 3. Preprocess throughput\n\n"
+    if r is None:
+        return [["3. Preprocess images/s per core at 28x28", "≥ 5,000, near-linear", "-", "n/a"]], (
+            head + _missing("preprocess")
+        )
+    cases = r["cases"]
+    main = cases.get("28x28 gray, pad+augment") or next(iter(cases.values()))
+    per_core = min(main["per core (1 process)"], main["per core (2 processes)"])
+    scaling = min(c["scaling 2/1"] for c in cases.values())
+    rows = [
+        ["3. Preprocess images/s per core, 28x28 gray", "≥ 5,000",
+         f"{_f(main['per core (1 process)'])} (1 process), {_f(main['per core (2 processes)'])} (2)",
+         _ok(per_core >= TARGETS["per_core"])],
+        ["3. Preprocess scaling, 2 processes / 1", "near-linear (≥ 1.8)",
+         f"{scaling:.2f} (lowest of {len(cases)} cases)", _ok(scaling >= TARGETS["scaling"])],
+    ]  # fmt: skip
+    table = ["| case | images | output side | 1 process images/s | 2 processes images/s | per core (1) | per core (2) | scaling 2/1 |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name, c in cases.items():
+        table.append(
+            f"| {name} | {c['images']:,} | {c['output_side']} | {_f(c['1 process images/s'])} | "
+            f"{_f(c['2 processes images/s'])} | {_f(c['per core (1 process)'])} | "
+            f"{_f(c['per core (2 processes)'])} | {c['scaling 2/1']:.2f} |"
+        )
+    text = (
+        head + _context(r) + "\n"
+        "Method: `bench/preprocess_speed.py`. The stage's own code "
+        "(`src.preprocess.preprocess_dataset`, in a fresh process like the stage) with params.yaml's "
+        f"augmentation policy `{r['augment']}` and one augmented copy per training image (80% of "
+        "the images are training images). images/s counts input images over the stage's "
+        "processing time (pool start, resize, pad, augment, write), not the source loading. "
+        "*pad+augment*: the output side equals the input side, so the resize is an identity "
+        "the stage skips (the Fashion-MNIST case); *resize*: inputs 1.25x larger, resized down. "
+        f"1 and 2 processes alternate, medians of {r['rounds']}. The baseline of the scaling "
+        "ratio is the 1-process run of the same round set.\n\n" + "\n".join(table) + "\n\n"
+        + r.get("notes", "")
+    )  # fmt: skip
+    return rows, text
+
+
+def item_overheads(
+    r: dict[str, Any] | None, ray: dict[str, Any] | None
+) -> tuple[list[list[str]], str]:
+    head = "## 4. Pipeline overheads\n\n"
+    if r is None:
+        rows = [["4. No-op `dvc repro`", "≤ 3 s", "-", "n/a"],
+                ["4. End-to-end `make run`, default data", "≤ 120 s", "-", "n/a"]]  # fmt: skip
+        return rows, head + _missing("overheads")
+    e2e = r["end_to_end"]
+    rows = [
+        ["4. No-op `dvc repro`", "≤ 3 s", f"{r['noop_repro_s']:.2f} s",
+         _ok(r["noop_repro_s"] <= TARGETS["noop_s"])],
+        ["4. End-to-end `make run` (dvc repro), default data", "≤ 120 s", f"{e2e['seconds']:.1f} s",
+         _ok(e2e["seconds"] <= TARGETS["e2e_s"])],
+    ]  # fmt: skip
+    stages = ["| stage | wall s | peak RSS MiB (tree) | peak PSS MiB (tree) |", "|---|---|---|---|"]
+    for name, st in e2e["stages"].items():
+        stages.append(
+            f"| {name} | {st['seconds']:.1f} | {_f(st.get('rss_mib'))} | {_f(st.get('pss_mib'))} |"
+        )
+    starts = ["| stage script | start-up s (`--help`: interpreter + imports) |", "|---|---|"]
+    for name, sec in r["stage_startup_s"].items():
+        starts.append(f"| pipeline/{name}.py | {sec:.2f} |")
+    ru = r["ray_startup"]
+    fit = ""
+    if ray is not None:
+        fixed = {k: v["fixed_s"] for k, v in ray["summary"].items() if k != "plain"}
+        fit = (
+            "- Ray Train per `fit()` (worker group start, set-up, shutdown; item 1's fixed s): "
+            + ", ".join(f"{k} {v:.1f} s" for k, v in fixed.items())
+            + "\n"
+        )
+    text = (
+        head + _context(r) + "\n"
+        "Method: `bench/overheads.py`. *End-to-end*: a fresh copy of the project (new git + DVC "
+        "repo, empty DVC cache and MLflow store, the repository's params.yaml, so the bundled "
+        "digits data) and `dvc repro`, as `make run` after `make install`. Then, alternating, "
+        f"medians of {r['rounds']}: the no-op `dvc repro` in that copy, each stage script's "
+        "start-up, and Ray's start-up in a fresh process.\n\n"
+        f"End-to-end `dvc repro`: **{e2e['seconds']:.1f} s**; by stage:\n\n" + "\n".join(stages)
+        + f"\n\nNo-op `dvc repro`: **{r['noop_repro_s']:.2f} s**.\n\n" + "\n".join(starts)
+        + "\n\nRay start-up (fresh process, as the train stage starts it):\n\n"
+        f"- `import ray.train.torch`: {ru['import_s']:.2f} s\n"
+        f"- `ray_session()` (ray.init sized to this machine, no dashboard): {ru['init_s']:.2f} s\n"
+        f"- shutdown: {ru['shutdown_s']:.2f} s\n" + fit + "\n" + r.get("notes", "")
+    )  # fmt: skip
+    return rows, text
+
+
+def item_memory(
+    r: dict[str, Any] | None, fashion: dict[str, Any] | None
+) -> tuple[list[list[str]], str]:
+    head = "## 5. Memory\n\n"
+    rows = []
+    parts = [head]
+    if fashion is not None and fashion.get("memory"):
+        mem = fashion["memory"]
+        table = ["| stage (Fashion-MNIST, configs/fashion-mnist.yaml) | peak RSS MiB | peak PSS MiB | peak anonymous MiB | largest process RSS MiB |",
+                 "|---|---|---|---|---|"]  # fmt: skip
+        for stage, m in mem.items():
+            table.append(
+                f"| {stage} | {_f(m['rss_mib'])} | {_f(m['pss_mib'])} | {_f(m['anon_mib'])} | "
+                f"{_f(m['largest_rss_mib'])} |"
+            )
+        parts += [
+            _context(fashion),
+            "\n",
+            "Peaks of each stage's whole process tree during item 2's `dvc repro` (the train "
+            "stage's tree includes Ray's raylet, GCS and workers), sampled every 0.5 s. RSS counts "
+            "shared pages (the object store holding the training arrays, libraries) once per "
+            "process; PSS splits them between the processes; anonymous memory leaves out file "
+            "pages (memory-mapped arrays) and shared memory. Highest over the runs:\n\n",
+            "\n".join(table),
+            "\n\n",
+        ]
+        rows.append(["5. Peak memory, train stage on Fashion-MNIST (tree PSS)", "reported",
+                     f"{_f(mem['train']['pss_mib'])} MiB (preprocess {_f(mem['preprocess']['pss_mib'])} MiB)",
+                     "n/a"])  # fmt: skip
+    else:
+        parts.append(_missing("fashion"))
+        rows.append(["5. Peak memory, train stage on Fashion-MNIST", "reported", "-", "n/a"])
+    if r is not None:
+        f = r["factors"]
+        lo, hi = f[min(f, key=int)], f[max(f, key=int)]
+        bounded = r["worker_growth_mib"] <= max(
+            0.25 * r["output_growth_mib"], r["bound_mib_per_worker"] * 2 + 8
+        )
+        rows.append([
+            "5. Preprocess: bounded images per process",
+            f"≤ chunk_size x (2 + augment_copies) = {r['bound_images_per_worker']:,} images per worker",
+            f"worker +{r['worker_growth_mib']:.0f} MiB when the data grows {hi['images'] // lo['images']}x "
+            f"(+{r['output_growth_mib']:.0f} MiB of output)",
+            _ok(bounded),
+        ])  # fmt: skip
+        table = ["| data | images | source MiB | output MiB | parent peak anonymous MiB | largest worker peak anonymous MiB | s |",
+                 "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for k, x in f.items():
+            table.append(
+                f"| Fashion-MNIST x{k} | {x['images']:,} | {x['source_mib']:.0f} | {x['output_mib']:.0f} | "
+                f"{x['parent_anon_mib']:.0f} | {x['largest_worker_anon_mib']:.0f} | {x['seconds']:.1f} |"
+            )
+        parts += [
+            "### The preprocess bound\n\n",
+            _context(r),
+            "\n",
+            "Each preprocess worker process holds at most one chunk: `chunk_size` input images "
+            "and their `chunk_size x (1 + augment_copies)` outputs, which it writes straight into "
+            "the memory-mapped output files; the parent queues at most `2 x workers` chunks of "
+            f"inputs. Bound per worker: chunk_size x (2 + augment_copies) = "
+            f"**{r['bound_images_per_worker']:,} images** ({r['bound_mib_per_worker']:.1f} MiB at this "
+            "size), whatever the dataset size. The parent holds the source arrays it is given "
+            "(the idx and digits sources are read whole; image folders are decoded by the "
+            "workers, chunk by chunk) and no output.\n\n"
+            "Check (`bench/memory.py`): the stage's code on Fashion-MNIST repeated 1x and 4x, 2 "
+            "workers, each process's peak anonymous memory (sampled every 0.1 s):\n\n",
+            "\n".join(table),
+            "\n\n",
+            f"The largest worker grew by {r['worker_growth_mib']:.0f} MiB while its output grew by "
+            f"{r['output_growth_mib']:.0f} MiB; the parent grew by {r['parent_growth_mib']:.0f} MiB "
+            f"for {r['source_growth_mib']:.0f} MiB more source.\n\n",
+        ]
+    else:
+        rows.append(["5. Preprocess: bounded images per process", "stated bound", "-", "n/a"])
+        parts.append(_missing("memory"))
+    return rows, "".join(parts)
+
+
+def item_gpu(r: dict[str, Any] | None) -> tuple[list[list[str]], str]:
+    head = "## 6. GPU path\n\n"
+    how = (
+        "How to measure it: on a machine with CUDA, `python -m bench.run --only gpu` "
+        "(`bench/gpu.py`) trains the pipeline's loop (`src.train.make_loop` + `train_epoch`, "
+        "what a Ray worker runs) on Fashion-MNIST with bf16 autocast and channels_last, the "
+        "uint8 split copied to the GPU once and batches gathered there, at batch sizes 256, "
+        "1024 and 4096: images/s over whole epochs, and the GPU busy fraction = the union of "
+        "kernel/memcpy/memset intervals over the wall window of 50 profiled steps "
+        "(torch.profiler trace).\n"
+    )
+    if r is None or not r.get("available"):
+        why = "no GPU was available in this session; not measured."
+        return [["6. GPU busy fraction (bf16, channels_last)", "≥ 90%", why, "n/a"]], (
+            head + f"**{why[0].upper() + why[1:]}** No figure is given.\n\n" + how
+        )
+    best = max(r["results"], key=lambda x: x["busy_fraction"] or 0)
+    rows = [["6. GPU busy fraction (bf16, channels_last)", "≥ 90%",
+             f"{best['busy_fraction']:.1%} at batch {best['batch_size']} ({r['device']})",
+             _ok(best["busy_fraction"] >= TARGETS["gpu_busy"])]]  # fmt: skip
+    table = ["| batch | images/s | GPU busy |", "|---|---|---|"]
+    for x in r["results"]:
+        table.append(
+            f"| {x['batch_size']} | {_f(x['images_per_sec'])} | {_f(x['busy_fraction'], '.1%')} |"
+        )
+    return rows, head + _context(r) + f"\nDevice: {r['device']}.\n\n" + "\n".join(
+        table
+    ) + "\n\n" + how
+
+
+def render(results: dict[str, dict[str, Any]], intro: str = "") -> str:
+    """The whole BENCHMARKS.md text."""
+    ray = results.get("ray_overhead")
+    items = [
+        item_ray(ray),
+        item_fashion(results.get("fashion")),
+        item_preprocess(results.get("preprocess")),
+        item_overheads(results.get("overheads"), ray),
+        item_memory(results.get("memory"), results.get("fashion")),
+        item_gpu(results.get("gpu")),
+    ]
+    table = ["| item | target | measured | result |", "|---|---|---|---|"]
+    for rows, _ in items:
+        table += ["| " + " | ".join(row) + " |" for row in rows]
+    any_r = next((r for r in results.values() if "machine" in r), None)
+    machine = ""
+    if any_r is not None:
+        m, v = any_r["machine"], any_r["versions"]
+        machine = (
+            f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, "
+            f"SIMD {', '.join(m['simd'])}, GPU: {m['gpu'] or 'none'}. "
+            + ", ".join(f"{k} {val}" for k, val in v.items())
+            + ".\n\n"
+        )
+    return (
+        "# Benchmarks\n\n"
+        "Generated by `make bench` (`python -m bench.run`; parts: `--only NAME`, see "
+        "`python -m bench.run --help`) from bench/results/*.json. Benchmarks are not tests: "
+        "nothing here is asserted by CI (tests/test_bench.py runs each on tiny sizes).\n\n"
+        + machine
+        + intro
+        + "\n".join(table)
+        + "\n\n"
+        "On noise: this machine is shared; compared variants run alternately in one session, "
+        "figures are medians, each measurement records the CPU share other processes took "
+        "during it (`bench.common.Noise`), and one above 10% is repeated (up to 2 times).\n\n"
+        + "\n\n".join(text for _, text in items)
+    )
+
+
+def write(results: dict[str, dict[str, Any]], path: Path) -> Path:
+    path.write_text(render(results))
+    return path

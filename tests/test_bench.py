@@ -1,0 +1,185 @@
+"""Smoke versions of the benchmarks (bench/): each runs on tiny sizes so the code cannot rot.
+Nothing here asserts on time; the figures are `make bench`'s (BENCHMARKS.md)."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO, TINY, deep_update
+
+from bench import common, fashion, gpu, memory, overheads, preprocess_speed, ray_overhead, report
+from src.config import load_params, parse_params
+from src.data import load_source
+from src.preprocess import load_processed, run
+
+RESULTS: dict[str, dict] = {}  # what the smoke runs return, rendered by the last test
+
+
+def tiny_raw() -> dict:
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    return deep_update(raw, copy.deepcopy(TINY))
+
+
+@pytest.fixture(scope="module")
+def plain_data(tmp_path_factory: pytest.TempPathFactory):
+    """The digits at 8x8, no augmented copies (what item 1 and 6 train on, shrunk)."""
+    raw = tiny_raw()
+    raw["preprocess"]["augment_copies"] = 0
+    raw["paths"]["processed"] = str(tmp_path_factory.mktemp("bench") / "processed")
+    run(parse_params(raw), quiet=True)
+    return raw, load_processed(raw["paths"]["processed"])
+
+
+def saved(name: str, result: dict) -> dict:
+    """Keep `result` for the report test, as bench.run would save it."""
+    RESULTS[name] = {
+        "item": name,
+        "measured_at": "now",
+        "machine": common.machine(),
+        "versions": common.versions(),
+        "load_start": common.loadavg(),
+        "load_end": common.loadavg(),
+        **json.loads(json.dumps(result)),
+    }
+    return result
+
+
+def test_noise_sees_other_processes_and_alternation_orders_runs():
+    import subprocess
+    import sys
+
+    with common.Noise(interval=0.1) as noise:
+        # a child is ours; the busy loop below it is too (descendant): no foreign time
+        subprocess.run([sys.executable, "-c", "sum(range(3_000_000))"], check=True)
+    assert noise.foreign_seconds() >= 0.0
+    assert 0.0 <= noise.foreign_share() <= 1.0
+    order: list[str] = []
+    alt = common.Alternation(
+        {
+            "a": lambda: order.append("a") or {"x": 1.0},
+            "b": lambda: order.append("b") or {"x": 2.0},
+        },
+        rounds=2,
+        noise_limit=1.0,
+        log=lambda m: None,
+    )
+    alt.run()
+    assert order == ["a", "b", "a", "b"]
+    assert alt.values("b", "x") == [2.0, 2.0]
+
+
+def test_busy_fraction_merges_overlapping_device_intervals():
+    trace = {
+        "traceEvents": [
+            {"ph": "X", "cat": "cpu_op", "ts": 0, "dur": 100},
+            {"ph": "X", "cat": "kernel", "ts": 10, "dur": 20},
+            {"ph": "X", "cat": "kernel", "ts": 20, "dur": 20},  # overlaps: 10..40
+            {"ph": "X", "cat": "gpu_memcpy", "ts": 60, "dur": 10},
+        ]
+    }
+    assert gpu.busy_fraction(trace)["busy_fraction"] == pytest.approx(0.4)
+    assert gpu.busy_fraction({"traceEvents": trace["traceEvents"][:1]}) is None
+
+
+def test_gpu_path_runs_on_cpu_and_is_skipped_without_cuda(plain_data):
+    import torch
+
+    raw, data = plain_data
+    small = ray_overhead.subset(data, 300)
+    out = gpu.measure(raw, small, batch_sizes=(32,), epochs=2, steps=3, device="cpu", log=print)
+    assert out["results"][0]["busy_fraction"] is None  # no device events on a CPU
+    assert out["results"][0]["images_per_sec"] > 0
+    if not torch.cuda.is_available():
+        skipped = saved("gpu", gpu.measure(raw, data))
+        assert skipped["available"] is False
+
+
+@pytest.mark.slow
+def test_ray_overhead_smoke(plain_data, tmp_path):
+    raw, data = plain_data
+    result = ray_overhead.measure(
+        raw,
+        ray_overhead.subset(data, 600),
+        tmp_path,
+        epochs=2,
+        rounds=1,
+        variants=("plain", "ray2"),
+        noise_limit=1.0,
+    )
+    saved("ray_overhead", result)
+    assert set(result["summary"]) == {"plain", "ray2"}
+    assert all(r["epoch_ips"] > 0 and r["loop_ips"] > 0 for r in result["runs"])
+
+
+def test_preprocess_speed_smoke(tmp_path):
+    cases = {"28x28 gray, pad+augment": (28, 28, 1)}
+    result = preprocess_speed.measure(
+        tiny_raw(), tmp_path, images=300, rounds=1, cases=cases, noise_limit=1.0
+    )
+    saved("preprocess", result)
+    case = result["cases"]["28x28 gray, pad+augment"]
+    assert case["1 process images/s"] > 0 and case["2 processes images/s"] > 0
+
+
+def test_memory_bound_smoke(tmp_path):
+    raw = tiny_raw()
+    ds = memory.head(load_source(load_params(REPO / "params.yaml").data, seed=0), 400)
+    result = saved("memory", memory.measure(ds, raw, tmp_path, factors=(1, 2)))
+    assert result["bound_images_per_worker"] == raw["preprocess"]["chunk_size"] * 3
+    assert result["factors"]["2"]["images"] == 2 * result["factors"]["1"]["images"]
+
+
+@pytest.mark.slow
+def test_overheads_and_fashion_smoke(tmp_path):
+    """Item 4 on the tiny pipeline (end-to-end dvc repro, no-op, start-ups); item 2's summary of
+    the same run (the Fashion-MNIST benchmark runs `dvc repro` the same way)."""
+    raw = tiny_raw()
+    raw["train"]["epochs"] = 2
+    result = overheads.measure(
+        tmp_path, params=raw, rounds=1, stages=("evaluate",), noise_limit=1.0
+    )
+    saved("overheads", result)
+    e2e = result["end_to_end"]
+    assert set(e2e["stages"]) == {"preprocess", "train", "evaluate", "register"}
+    assert e2e["training"]["epochs"] == 2 and e2e["training"]["training_s"] > 0
+    assert e2e["stages"]["train"]["pss_mib"] > 0
+    assert result["noop_repro_s"] > 0 and result["ray_startup"]["init_s"] > 0
+    run_summary = fashion.summarize(e2e, tmp_path / "default")
+    assert 0 <= run_summary["test_accuracy"] <= 1
+    saved(
+        "fashion",
+        {
+            "runs": [{**run_summary, "foreign_share": 0.0}],
+            "summary": {
+                "runs": 1,
+                "test_accuracy_median": run_summary["test_accuracy"],
+                "training_s_median": run_summary["training_s"],
+            },
+            "memory": {s: run_summary["stages"][s] for s in ("preprocess", "train", "evaluate")},
+        },
+    )
+
+
+def test_fashion_config_is_params_yaml_with_documented_changes():
+    """configs/fashion-mnist.yaml is a full params.yaml (`cp` it over params.yaml): the same
+    sections and keys, valid, pointing at Fashion-MNIST."""
+    params = yaml.safe_load(fashion.CONFIG.read_text())
+    base = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert {s: set(v) for s, v in params.items()} == {s: set(v) for s, v in base.items()}
+    assert params["data"]["source"] == "idx" and "fashion-mnist" in params["data"]["path"]
+    parsed = load_params(fashion.CONFIG)
+    assert parsed.train.num_workers * parsed.train.cpus_per_worker <= 2  # fits this machine
+    assert fashion.preprocess_bound(params)["images_per_worker"] > 0
+
+
+def test_report_renders_every_item(tmp_path: Path):
+    """BENCHMARKS.md from whatever the smoke runs above produced (missing items say so)."""
+    text = report.write(RESULTS, tmp_path / "BENCHMARKS.md").read_text()
+    assert text.startswith("# Benchmarks")
+    for n in range(1, 7):
+        assert f"## {n}." in text
+    assert "no GPU was available in this session; not measured" in text or "GPU busy" in text
