@@ -350,7 +350,7 @@ def test_two_worker_run_logs_one_run_and_a_model_that_reproduces(first_run):
     saved = json.loads((root / "metrics/train.json").read_text())
     assert saved["epochs"] == EPOCHS and saved["best_epoch"] in range(1, EPOCHS + 1)
     assert sorted(p.name for p in (root / "plots/train").iterdir()) == sorted(
-        f"{k}.tsv" for k in (*METRICS, "images_per_sec", "epoch_seconds")
+        [f"{k}.tsv" for k in (*METRICS, "images_per_sec", "epoch_seconds")] + ["curves.png"]
     )
 
     # models/model.pt rebuilds the network and reproduces the logged validation accuracy
