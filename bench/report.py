@@ -76,6 +76,17 @@ def item_ray(r: dict[str, Any] | None) -> tuple[list[list[str]], str]:
             f"{_f(v['epoch_s'], '.2f')} | {_f(v['fixed_s'], '.1f')} |"
         )
     ratio_lines = "\n".join(f"- {k}: **{v:.3f}**" for k, v in ratios.items())
+    if "plain" in s and "ray1" in s:
+        p, q = s["plain"], s["ray1"]
+        extra_p, extra_q = p["epoch_s"] - p["train_pass_s"], q["epoch_s"] - q["train_pass_s"]
+        ratio_lines += (
+            "\n\nWhere the time goes (ray1 against plain, per epoch, medians): the training pass "
+            f"takes {q['train_pass_s']:.2f} s against {p['train_pass_s']:.2f} s "
+            f"({q['train_pass_s'] / p['train_pass_s'] - 1:+.1%}); the rest of the epoch "
+            f"(validation, and for Ray the report and checkpoint) {extra_q:.2f} s against "
+            f"{extra_p:.2f} s, so reporting and checkpointing cost {extra_q - extra_p:.2f} s an "
+            f"epoch ({(extra_q - extra_p) / q['epoch_s']:.1%} of it)."
+        )
     disturbed = [x for x in r["runs"] if x["foreign_share"] > 0.10]
     text = (
         head + _context(r) + "\n"
