@@ -304,8 +304,9 @@ def item_memory(
             "size), whatever the dataset size. The parent holds the source arrays it is given "
             "(the idx and digits sources are read whole; image folders are decoded by the "
             "workers, chunk by chunk) and no output.\n\n"
-            "Check (`bench/memory.py`): the stage's code on Fashion-MNIST repeated 1x and 4x, 2 "
-            "workers, each process's peak anonymous memory (sampled every 0.1 s):\n\n",
+            f"Check (`bench/memory.py`): the stage's code on Fashion-MNIST repeated "
+            f"{' and '.join(f'{k}x' for k in f)}, 2 workers, each process's peak anonymous memory "
+            "(sampled every 0.1 s):\n\n",
             "\n".join(table),
             "\n\n",
             f"The largest worker grew by {r['worker_growth_mib']:.0f} MiB while its output grew by "

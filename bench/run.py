@@ -56,10 +56,12 @@ def fashion_data(folder: Path, raw: dict[str, Any] | None = None) -> Any:
     return load_processed(folder)
 
 
-def run_item(name: str, quick: bool, out: Path, log: Any, noise: float = 0.10) -> dict[str, Any]:
+def run_item(
+    name: str, quick: bool, out: Path, log: Any, noise: float = 0.10, runs: int = 1
+) -> dict[str, Any]:
     """Measure one item; returns its result (without machine/versions, added on saving).
     `noise`: the share of the CPUs other processes may use during a measurement before it is
-    repeated (1.0: never)."""
+    repeated (1.0: never); `runs`: pipelines (seeds) for the Fashion-MNIST item."""
     raw = base_params()
     if name == "ray":
         data = fashion_data(OUT / "data" / "fashion-28")
@@ -78,7 +80,9 @@ def run_item(name: str, quick: bool, out: Path, log: Any, noise: float = 0.10) -
         if quick:  # the same pipeline on a sliver of the work: checks it runs, not the target
             params["train"]["epochs"] = 1
             params["preprocess"]["augment_copies"] = min(params["preprocess"]["augment_copies"], 1)
-        return fashion.measure(out / "fashion", params=params, runs=1, noise_limit=noise, log=log)
+        return fashion.measure(
+            out / "fashion", params=params, runs=1 if quick else runs, noise_limit=noise, log=log
+        )
     if name == "preprocess":
         data = fashion_data(OUT / "data" / "fashion-28")
         base = data.train_images[..., 0]
@@ -124,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         "(default 0.10; 1.0 with --quick)",
     )  # fmt: skip
     p.add_argument(
+        "--runs", type=int, default=1, help="Fashion-MNIST pipelines (seeds) to run (default 1)"
+    )
+    p.add_argument(
         "--report-only", action="store_true", help="rebuild BENCHMARKS.md, measure nothing"
     )
     args = p.parse_args(argv)
@@ -145,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.time()
         log(f"== {name} (load average {load_start})")
         noise = args.noise if args.noise is not None else (1.0 if args.quick else 0.10)
-        result = run_item(name, args.quick, out, log, noise)
+        result = run_item(name, args.quick, out, log, noise, args.runs)
         result.update(load_start=load_start, load_end=common.loadavg(), bench_s=time.time() - t0)
         path = common.save_result(ITEM[name], result, results_dir)
         log(f"   {time.time() - t0:.0f} s, saved {path.relative_to(REPO)}")
