@@ -106,7 +106,7 @@ class Noise:
     quiet measurement from a disturbed one (then repeated). Granularity: a foreign process that
     lives less than one interval is missed."""
 
-    def __init__(self, interval: float = 0.5) -> None:
+    def __init__(self, interval: float = 1.0) -> None:
         self.interval = interval
         self.root = os.getpid()
         self._first: dict[tuple[int, float], float] = {}
@@ -303,11 +303,12 @@ class Timed:
         return {f"{k}_mib": max(m[k] for m in rows) / MIB for k in keys}
 
 
-def tree_memory(pid: int) -> dict[str, float]:
+def tree_memory(pid: int, pss: bool = True) -> dict[str, float]:
     """Memory of a process and its descendants, in bytes:
     rss     sum of resident sizes (pages shared by several processes count in each)
     pss     sum of proportional sizes (shared pages split between their processes: Ray's object
-            store counts once)
+            store counts once); read from smaps_rollup, which costs milliseconds per process,
+            so only when `pss` (else 0)
     anon    sum of anonymous resident memory (what the processes allocated; not file pages such
             as memory-mapped outputs the kernel can drop, nor shared memory)
     largest_rss, root_anon, largest_child_anon  single processes."""
@@ -319,14 +320,15 @@ def tree_memory(pid: int) -> dict[str, float]:
         return out
     for p in procs:
         try:
-            full = p.memory_full_info()
+            info = p.memory_info()  # /proc/pid/statm: cheap
+            if pss:
+                out["pss"] += getattr(p.memory_full_info(), "pss", info.rss)
         except psutil.Error:
             continue
-        anon = full.rss - full.shared
-        out["rss"] += full.rss
-        out["pss"] += getattr(full, "pss", full.rss)
+        anon = info.rss - info.shared
+        out["rss"] += info.rss
         out["anon"] += anon
-        out["largest_rss"] = max(out["largest_rss"], full.rss)
+        out["largest_rss"] = max(out["largest_rss"], info.rss)
         if p.pid == pid:
             out["root_anon"] = anon
         else:
@@ -339,11 +341,13 @@ def run_timed(
     cwd: str | os.PathLike,
     env: dict[str, str] | None = None,
     sample: float = 0.5,
+    pss_every: int = 10,
     echo: Callable[[str], None] | None = None,
     timeout: float = 3600,
 ) -> Timed:
     """Run `cmd`, timestamping each output line (stdout and stderr merged) and sampling its
-    process tree's memory every `sample` s."""
+    process tree's memory every `sample` s (PSS, which is costly to read, every `pss_every`
+    samples; the other samples carry the last PSS read)."""
     start = time.perf_counter()
     proc = subprocess.Popen(
         cmd, cwd=cwd, env=env or stage_env(), stdout=subprocess.PIPE,
@@ -353,8 +357,12 @@ def run_timed(
     done = threading.Event()
 
     def sampler() -> None:
+        n, pss = 0, 0
         while not done.wait(sample):
-            memory.append({"t": time.perf_counter() - start, **tree_memory(proc.pid)})
+            m = tree_memory(proc.pid, pss=n % pss_every == 0)
+            pss = m["pss"] if n % pss_every == 0 else pss
+            memory.append({"t": time.perf_counter() - start, **m, "pss": pss})
+            n += 1
 
     thread = threading.Thread(target=sampler, daemon=True)
     thread.start()
