@@ -43,13 +43,21 @@ def cpus() -> int:
 def machine() -> dict[str, Any]:
     """CPU model, cores, memory, the SIMD extensions that matter to torch, and the GPU if any."""
     model, flags = platform.processor() or platform.machine(), set()
+    family = number = ""
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-            elif key.strip() == "flags":
+            key, value = key.strip(), value.strip()
+            if key == "model name":
+                model = value
+            elif key == "cpu family":
+                family = value
+            elif key == "model":
+                number = value
+            elif key == "flags":
                 flags = set(value.split())
+    if family:  # a VM may show only "AMD EPYC": family 25 model 1 is Zen 3 (Milan)
+        model = f"{model} (family {family}, model {number})"
     simd = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
     info = {
         "cpu": model,
@@ -291,7 +299,7 @@ class Timed:
     returncode: int
     seconds: float
     lines: list[tuple[float, str]]
-    memory: list[dict[str, float]]
+    memory: list[dict[str, Any]]
 
     def output(self, last: int = 40) -> str:
         return "\n".join(line for _, line in self.lines[-last:])
@@ -300,7 +308,9 @@ class Timed:
         """Peak of each memory figure (MiB) over the samples in [start, stop]."""
         rows = [m for m in self.memory if start <= m["t"] <= stop] or self.memory
         keys = [k for k in (rows[0] if rows else {}) if k != "t"]
-        return {f"{k}_mib": max(m[k] for m in rows) / MIB for k in keys}
+        return {
+            f"{k}_mib": max((m[k] for m in rows if m[k] is not None), default=0) / MIB for k in keys
+        }
 
 
 def tree_memory(pid: int, pss: bool = True) -> dict[str, float]:
@@ -347,21 +357,22 @@ def run_timed(
 ) -> Timed:
     """Run `cmd`, timestamping each output line (stdout and stderr merged) and sampling its
     process tree's memory every `sample` s (PSS, which is costly to read, every `pss_every`
-    samples; the other samples carry the last PSS read)."""
+    samples: None in the others)."""
     start = time.perf_counter()
     proc = subprocess.Popen(
         cmd, cwd=cwd, env=env or stage_env(), stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True, bufsize=1,
     )  # fmt: skip
-    memory: list[dict[str, float]] = []
+    memory: list[dict[str, Any]] = []
     done = threading.Event()
 
     def sampler() -> None:
-        n, pss = 0, 0
+        n = 0
         while not done.wait(sample):
-            m = tree_memory(proc.pid, pss=n % pss_every == 0)
-            pss = m["pss"] if n % pss_every == 0 else pss
-            memory.append({"t": time.perf_counter() - start, **m, "pss": pss})
+            m: dict[str, Any] = tree_memory(proc.pid, pss=n % pss_every == 0)
+            if n % pss_every:
+                m["pss"] = None  # not read this time
+            memory.append({"t": time.perf_counter() - start, **m})
             n += 1
 
     thread = threading.Thread(target=sampler, daemon=True)

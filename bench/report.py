@@ -398,7 +398,8 @@ def render(results: dict[str, dict[str, Any]], intro: str = "") -> str:
     table = ["| item | target | measured | result |", "|---|---|---|---|"]
     for rows, _ in items:
         table += ["| " + " | ".join(row) + " |" for row in rows]
-    any_r = next((r for r in results.values() if "machine" in r), None)
+    dated = [r for r in results.values() if "machine" in r]
+    any_r = max(dated, key=lambda r: r.get("measured_at", "")) if dated else None
     machine = ""
     if any_r is not None:
         m, v = any_r["machine"], any_r["versions"]

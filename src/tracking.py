@@ -50,7 +50,9 @@ def redacted(uri: str) -> str:
     if parts.query:
         pairs = parts.query.split("&")
         safe = [
-            f"{p.split('=', 1)[0]}=***" if "=" in p and _SECRET_KEY.search(p.split("=", 1)[0]) else p
+            f"{p.split('=', 1)[0]}=***"
+            if "=" in p and _SECRET_KEY.search(p.split("=", 1)[0])
+            else p
             for p in pairs
         ]
         out = out.replace("?" + parts.query, "?" + "&".join(safe), 1)

@@ -55,6 +55,7 @@ import shutil
 import signal
 import socket
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -961,13 +962,16 @@ def run_key(params: Params, data_hash: str) -> str:
 
 
 @contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
+def sigterm_as_interrupt(on_abandon: Callable[[], None] | None = None) -> Iterator[None]:
     """Treat SIGTERM like Ctrl-C (KeyboardInterrupt), so a killed stage still marks its MLflow
     run and shuts Ray down; the next run resumes from the last checkpoint.
 
     Run by DVC (DVC_STAGE set), the stage also stops this way when the dvc process that started
     it dies: `dvc repro` does not pass a SIGTERM on to its stage, and an orphaned training
-    would go on alone, racing the next `dvc repro` for the same checkpoints.
+    would go on alone, racing the next `dvc repro` for the same checkpoints. Should the stage
+    still be alive ABANDON_GRACE s later (its clean-up stuck), it prints every thread's stack,
+    calls `on_abandon` (e.g. mark the MLflow run KILLED) and exits at once; the processes of a
+    Ray instance it started share its fate.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -980,7 +984,10 @@ def sigterm_as_interrupt() -> Iterator[None]:
     done = threading.Event()
     if os.environ.get("DVC_STAGE"):
         watch = threading.Thread(
-            target=_stop_with_parent, args=(os.getppid(), done), name="parent-watch", daemon=True
+            target=_stop_with_parent,
+            args=(os.getppid(), done, on_abandon),
+            name="parent-watch",
+            daemon=True,
         )
         watch.start()
     try:
@@ -990,12 +997,39 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _stop_with_parent(parent: int, done: threading.Event, every: float = 0.5) -> None:
-    """SIGTERM this process once its parent `parent` is gone (it is re-parented), unless `done`."""
+ABANDON_GRACE = 60.0
+
+
+def _stop_with_parent(
+    parent: int,
+    done: threading.Event,
+    on_abandon: Callable[[], None] | None = None,
+    every: float = 0.5,
+) -> None:
+    """SIGTERM this process once its parent `parent` is gone (it is re-parented), unless `done`;
+    exit hard if it is still here ABANDON_GRACE s later."""
     while not done.wait(every):
         if os.getppid() != parent:
-            os.kill(os.getpid(), signal.SIGTERM)
-            return
+            break
+    else:
+        return
+    os.kill(os.getpid(), signal.SIGTERM)
+    if done.wait(ABANDON_GRACE):
+        return  # the stage stopped cleanly (its exit follows)
+    import faulthandler
+
+    print(
+        f"error: interrupted: the dvc process that ran this stage is gone and the stage did not "
+        f"stop within {ABANDON_GRACE:.0f} s; stopping hard (stacks below)",
+        file=sys.stderr,
+        flush=True,
+    )
+    faulthandler.dump_traceback(all_threads=True)
+    if on_abandon is not None:
+        last = threading.Thread(target=on_abandon, name="abandon", daemon=True)
+        last.start()
+        last.join(15)
+    os._exit(143)
 
 
 def model_extra(meta: dict[str, Any]) -> dict[str, Any]:
@@ -1087,8 +1121,16 @@ def train_stage(params: Params, root: str | os.PathLike = ".") -> dict[str, Any]
 
     experiment_id = tracking.get_or_create_experiment(t.experiment, root)
     run_name = os.environ.get("DVC_EXP_NAME") or f"train-{key[:8]}"
+    opened: dict[
+        str, str
+    ] = {}  # the MLflow run, once open: marked KILLED if the stage is abandoned
+
+    def abandon() -> None:
+        if "run_id" in opened:
+            tracking.end_run(opened["run_id"], "KILLED")
+
     # SIGTERM handler after ray.init, which installs its own (exit without marking the run)
-    with ray_session() as cluster, sigterm_as_interrupt():
+    with ray_session() as cluster, sigterm_as_interrupt(abandon):
         import ray
 
         use_gpu = check_resources(t, cluster.resources, cluster.where, cluster.node_cpus)
@@ -1106,6 +1148,7 @@ def train_stage(params: Params, root: str | os.PathLike = ".") -> dict[str, Any]
         }
         previous = (folder.read(MLFLOW_RUN_FILE) or {}).get("run_id")
         run_id, resumed = tracking.open_run(experiment_id, run_name, tags, previous)
+        opened["run_id"] = run_id
         folder.write(MLFLOW_RUN_FILE, {"run_id": run_id, "tracking_uri": tracking.redacted(uri)})
         if resumed:
             print(f"resuming {ray_name} (MLflow run {run_id})", flush=True)

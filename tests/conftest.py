@@ -28,6 +28,7 @@ def fashion_dir() -> Path:
         pytest.skip(f"{FASHION} not found")
     return FASHION
 
+
 PROJECT_FILES = ("params.yaml", "dvc.yaml", "pyproject.toml", "src", "pipeline")
 
 
@@ -67,7 +68,16 @@ def make_project(dest: Path, overrides: dict | None = None, *, dvc: bool = True)
         # DVCLive and DVC experiments need a commit to compare against
         subprocess.run(["git", "add", "-A"], cwd=dest, check=True)
         subprocess.run(
-            ["git", "-c", "user.name=test", "-c", "user.email=test@localhost", "commit", "-qm", "project"],
+            [
+                "git",
+                "-c",
+                "user.name=test",
+                "-c",
+                "user.email=test@localhost",
+                "commit",
+                "-qm",
+                "project",
+            ],
             cwd=dest,
             check=True,
         )

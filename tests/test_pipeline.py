@@ -14,7 +14,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 def dvc(project, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        ["dvc", *args], cwd=project, env=project_env(PYTHONPATH=str(project)), capture_output=True, text=True
+        ["dvc", *args],
+        cwd=project,
+        env=project_env(PYTHONPATH=str(project)),
+        capture_output=True,
+        text=True,
     )
 
 

@@ -678,6 +678,45 @@ def logged_history(root: Path, run_id: str) -> list[dict]:
     return [by_step[s] for s in sorted(by_step)]
 
 
+STUCK_STAGE = """
+import os, sys, time
+import src.train as t
+t.ABANDON_GRACE = 2.0
+def abandon():
+    open(sys.argv[1], "w").write("killed")
+with t.sigterm_as_interrupt(abandon):
+    print("ready", flush=True)
+    try:
+        time.sleep(60)
+    except KeyboardInterrupt:  # a clean-up that never ends
+        while True:
+            time.sleep(1)
+"""
+
+
+def test_an_orphaned_stage_stuck_in_its_clean_up_exits_hard(tmp_path):
+    """The parent-watch's last resort: the dvc process is gone and the stage's clean-up hangs;
+    after the grace period it prints every thread's stack, runs its abandon hook (the MLflow
+    run marked KILLED) and exits 143 instead of living on as an orphan."""
+    mark = tmp_path / "abandoned"
+    env = {**os.environ, "DVC_STAGE": "train", "PYTHONPATH": str(REPO)}
+    # sh starts the stage in the background and exits once it is ready: its parent is gone
+    log = tmp_path / "log"
+    script = (
+        f"{sys.executable} -c '{STUCK_STAGE}' {mark} > {log} 2>&1 & echo $!; "
+        f"until grep -q ready {log}; do sleep 0.1; done"
+    )
+    pid = int(subprocess.run(["sh", "-c", script], env=env, capture_output=True, text=True,
+                             check=True).stdout)  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not gone(pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert gone(pid), "the orphaned stage went on"
+    out = log.read_text()
+    assert "stopping hard" in out and "Thread" in out, out
+    assert mark.read_text() == "killed"
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_interrupted_dvc_repro_resumes_at_the_next_epoch(dvc_project, tmp_path):
