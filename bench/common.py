@@ -321,8 +321,12 @@ def tree_memory(pid: int, pss: bool = True) -> dict[str, float]:
             so only when `pss` (else 0)
     anon    sum of anonymous resident memory (what the processes allocated; not file pages such
             as memory-mapped outputs the kernel can drop, nor shared memory)
-    largest_rss, root_anon, largest_child_anon  single processes."""
-    out = dict.fromkeys(("rss", "pss", "anon", "largest_rss", "root_anon", "largest_child_anon"), 0)
+    largest_rss, root_anon, largest_child_anon  single processes
+    largest_child_private  the largest private anonymous memory of a descendant: what it
+            allocated itself, without the pages a forked child shares with its parent (counted
+            in its anon) nor file pages it mapped; read from smaps with the PSS (else 0)."""
+    keys = ("rss", "pss", "anon", "largest_rss", "root_anon", "largest_child_anon")
+    out = dict.fromkeys((*keys, "largest_child_private"), 0)
     try:
         root = psutil.Process(pid)
         procs = [root, *root.children(recursive=True)]
@@ -343,7 +347,21 @@ def tree_memory(pid: int, pss: bool = True) -> dict[str, float]:
             out["root_anon"] = anon
         else:
             out["largest_child_anon"] = max(out["largest_child_anon"], anon)
+            if pss:
+                out["largest_child_private"] = max(out["largest_child_private"], private_anon(p))
     return out
+
+
+def private_anon(p: psutil.Process) -> int:
+    """Bytes of anonymous memory only `p` maps (heap, stack, anonymous mappings), from smaps."""
+    total = 0
+    try:
+        for m in p.memory_maps(grouped=False):
+            if not m.path or m.path.startswith(("[heap]", "[stack]", "[anon")):
+                total += m.private_clean + m.private_dirty
+    except psutil.Error:
+        return 0
+    return total
 
 
 def run_timed(
@@ -371,7 +389,7 @@ def run_timed(
         while not done.wait(sample):
             m: dict[str, Any] = tree_memory(proc.pid, pss=n % pss_every == 0)
             if n % pss_every:
-                m["pss"] = None  # not read this time
+                m["pss"] = m["largest_child_private"] = None  # not read this time
             memory.append({"t": time.perf_counter() - start, **m})
             n += 1
 

@@ -57,7 +57,7 @@ def preprocess_peaks(
         timed = check(
             run_timed(
                 [sys.executable, "-m", "bench.preprocess_speed", str(dataset), str(dest)],
-                cwd=REPO, sample=0.1,
+                cwd=REPO, sample=0.1, pss_every=1,
             ),
             "preprocess",
         )  # fmt: skip
@@ -78,6 +78,8 @@ def preprocess_peaks(
         / 2**20,
         "parent_anon_mib": peak["root_anon_mib"],
         "largest_worker_anon_mib": peak["largest_child_anon_mib"],
+        # a forked worker's anon includes the parent's source arrays it shares (copy-on-write)
+        "largest_worker_private_mib": peak["largest_child_private_mib"],
         "seconds": timed.seconds,
     }
 
@@ -91,7 +93,8 @@ def measure(ds: Dataset, raw: dict[str, Any], out: Path, *, factors: tuple[int, 
         rows[f] = preprocess_peaks(repeated(ds, f), raw, out)
         log(
             f"  {f}x ({rows[f]['images']} images): parent {rows[f]['parent_anon_mib']:.0f} MiB, "
-            f"largest worker {rows[f]['largest_worker_anon_mib']:.0f} MiB anonymous"
+            f"largest worker {rows[f]['largest_worker_anon_mib']:.0f} MiB anonymous, "
+            f"{rows[f]['largest_worker_private_mib']:.0f} MiB of it its own"
         )
     pre = raw["preprocess"]
     chunk, copies = pre["chunk_size"], pre["augment_copies"]
@@ -101,7 +104,8 @@ def measure(ds: Dataset, raw: dict[str, Any], out: Path, *, factors: tuple[int, 
         "factors": {str(f): r for f, r in rows.items()},
         "bound_images_per_worker": chunk * (2 + copies),
         "bound_mib_per_worker": chunk * (2 + copies) * side * side * ds.channels / 2**20,
-        "worker_growth_mib": hi["largest_worker_anon_mib"] - lo["largest_worker_anon_mib"],
+        "worker_growth_mib": hi["largest_worker_private_mib"] - lo["largest_worker_private_mib"],
+        "worker_anon_growth_mib": hi["largest_worker_anon_mib"] - lo["largest_worker_anon_mib"],
         "parent_growth_mib": hi["parent_anon_mib"] - lo["parent_anon_mib"],
         "source_growth_mib": hi["source_mib"] - lo["source_mib"],
         "output_growth_mib": hi["output_mib"] - lo["output_mib"],

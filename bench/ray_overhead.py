@@ -140,13 +140,14 @@ def measure(
             for key in ("epoch_ips", "loop_ips", "epoch_s", "train_pass_s", "fixed_s", "wall_s")
         }
         summary[name]["threads"] = f"{VARIANTS[name][0]} x {VARIANTS[name][1]}"
+    # each ratio is the median of the rounds' ratios: a variant is compared with its neighbour
+    # in time, so a slow stretch of this shared machine weighs on both sides of a ratio
     ratios = {}
-    if "plain" in summary and "ray1" in summary:
-        for key in ("epoch_ips", "loop_ips"):
-            ratios[f"ray1/plain {key}"] = summary["ray1"][key] / summary["plain"][key]
-    if "ray1" in summary and "ray2" in summary:
-        for key in ("epoch_ips", "loop_ips"):
-            ratios[f"ray2/ray1 {key}"] = summary["ray2"][key] / summary["ray1"][key]
+    for a, b in (("ray1", "plain"), ("ray2", "ray1")):
+        if a in summary and b in summary:
+            for key in ("epoch_ips", "loop_ips"):
+                pairs = zip(alt.values(a, key), alt.values(b, key), strict=False)
+                ratios[f"{a}/{b} {key}"] = median([x / y for x, y in pairs])
     return {
         "setup": {
             "rows": len(data.train_labels),

@@ -100,6 +100,18 @@ def item_ray(r: dict[str, Any] | None) -> tuple[list[list[str]], str]:
             f"{extra_p:.2f} s, so reporting and checkpointing cost {extra_q - extra_p:.2f} s an "
             f"epoch ({(extra_q - extra_p) / q['epoch_s']:.1%} of it)."
         )
+    if "ray1" in s and "ray2" in s:
+        q, w = s["ray1"], s["ray2"]
+        extra_q, extra_w = q["epoch_s"] - q["train_pass_s"], w["epoch_s"] - w["train_pass_s"]
+        ratio_lines += (
+            "\n\nWhere the time goes (ray2 against ray1, per epoch, medians): the training pass "
+            f"takes {w['train_pass_s']:.2f} s against {q['train_pass_s']:.2f} s "
+            f"({w['train_pass_s'] / q['train_pass_s'] - 1:+.1%}): each of the 2 DDP workers "
+            f"computes half of each batch of {r['setup']['batch_size']} on 1 thread and all-reduces "
+            "the gradients every step (gloo), where the single worker splits the same batch over "
+            "2 threads with no exchange; the rest of the epoch (validation, report, checkpoint) "
+            f"takes {extra_w:.2f} s against {extra_q:.2f} s."
+        )
     disturbed = [x for x in r["runs"] if x["foreign_share"] > 0.10]
     text = (
         head + _context(r) + "\n"
@@ -114,7 +126,7 @@ def item_ray(r: dict[str, Any] | None) -> tuple[list[list[str]], str]:
         "persisted checkpoints' times); *training pass* excludes validation and reporting; "
         "*fixed s per fit* = fit wall time minus E epochs (worker group start-up and shutdown; "
         f"Ray itself was started once, in {setup['ray_init_s']:.1f} s). Medians:\n\n"
-        + "\n".join(table) + "\n\nRatios (medians):\n\n" + ratio_lines + "\n\n"
+        + "\n".join(table) + "\n\nRatios (median of the rounds' ratios, each round's variants run back to back):\n\n" + ratio_lines + "\n\n"
         + (f"{len(disturbed)} of {len(r['runs'])} runs were taken while other processes used "
            "more than 10% of the CPUs (after retries).\n" if disturbed else
            "Every run was taken with other processes using at most 10% of the CPUs.\n")
@@ -320,12 +332,13 @@ def item_memory(
             f"(+{r['output_growth_mib']:.0f} MiB of output)",
             _ok(bounded),
         ])  # fmt: skip
-        table = ["| data | images | source MiB | output MiB | parent peak anonymous MiB | largest worker peak anonymous MiB | s |",
-                 "|---|---|---|---|---|---|---|"]  # fmt: skip
+        table = ["| data | images | source MiB | output MiB | parent peak anonymous MiB | largest worker peak anonymous MiB | of which its own (private) MiB | s |",
+                 "|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for k, x in f.items():
             table.append(
                 f"| Fashion-MNIST x{k} | {x['images']:,} | {x['source_mib']:.0f} | {x['output_mib']:.0f} | "
-                f"{x['parent_anon_mib']:.0f} | {x['largest_worker_anon_mib']:.0f} | {x['seconds']:.1f} |"
+                f"{x['parent_anon_mib']:.0f} | {x['largest_worker_anon_mib']:.0f} | "
+                f"{x.get('largest_worker_private_mib', float('nan')):.0f} | {x['seconds']:.1f} |"
             )
         parts += [
             "### The preprocess bound\n\n",
@@ -341,10 +354,12 @@ def item_memory(
             "workers, chunk by chunk) and no output.\n\n"
             f"Check (`bench/memory.py`): the stage's code on Fashion-MNIST repeated "
             f"{' and '.join(f'{k}x' for k in f)}, 2 workers, each process's peak anonymous memory "
-            "(sampled every 0.1 s):\n\n",
+            "(sampled every 0.1 s). Workers are forked, so a worker's anonymous memory includes "
+            "the parent's source arrays, shared copy-on-write and never copied; *its own* is "
+            "the private part of its anonymous mappings (smaps), what the bound is about:\n\n",
             "\n".join(table),
             "\n\n",
-            f"The largest worker grew by {r['worker_growth_mib']:.0f} MiB while its output grew by "
+            f"The largest worker's own memory grew by {r['worker_growth_mib']:.0f} MiB while its output grew by "
             f"{r['output_growth_mib']:.0f} MiB; the parent grew by {r['parent_growth_mib']:.0f} MiB "
             f"for {r['source_growth_mib']:.0f} MiB more source.\n\n",
         ]

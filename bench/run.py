@@ -71,7 +71,7 @@ def run_item(
             data,
             out / "ray",
             epochs=3 if quick else 4,
-            rounds=1 if quick else 3,
+            rounds=1 if quick else 5,
             noise_limit=noise,
             log=log,
         )

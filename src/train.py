@@ -593,9 +593,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             state = load_state(Path(folder) / STATE_FILE)
     history = state["history"] if state is not None else []
     comm = Comm(rank, world, device)
-    loop = make_loop(
-        spec, images, labels, comm, device, state=state, wrap=ray.train.torch.prepare_model
+    # DDP's per-step broadcast of rank 0's BatchNorm buffers is one more collective each step
+    # for nothing: only rank 0's buffers are ever used (validated and saved) and they are its
+    # own either way; run_epochs copies them to every rank once per epoch instead.
+    wrap = functools.partial(
+        ray.train.torch.prepare_model,
+        parallel_strategy_kwargs={"broadcast_buffers": False, "gradient_as_bucket_view": True},
     )
+    loop = make_loop(spec, images, labels, comm, device, state=state, wrap=wrap)
     fault = _Fault(**(config.get("fault") or {}))
     track = config.get("tracking")
     if rank == 0 and track and history:  # epochs a previous attempt checkpointed, maybe unlogged
