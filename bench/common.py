@@ -520,3 +520,28 @@ def measure_repro(
         "peak": timed.peak(),
         "tail": timed.output(15),
     }
+
+
+def _matmul_loop(seconds: float) -> int:
+    """Multiplications of a cache-resident 200x200 matrix done in `seconds` (1 BLAS thread)."""
+    a = np.random.default_rng(0).random((200, 200))
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ a
+        n += 1
+    return n
+
+
+def cpu_scaling(seconds: float = 3.0) -> dict[str, float]:
+    """This machine's own ceiling for 2 processes: a pure compute loop (no memory traffic, no
+    I/O) in 1 process, then in 2 at once; scaling = their total over the single one. A VM whose
+    2 vCPUs share a physical core, or a busy host, shows well below 2 here."""
+    import multiprocessing as mp
+
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1):
+        one = _matmul_loop(seconds)
+        with mp.get_context("fork").Pool(2) as pool:
+            two = pool.map(_matmul_loop, [seconds, seconds])
+    return {"one": one, "two": sum(two), "scaling": sum(two) / one}

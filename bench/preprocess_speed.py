@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import REPO, Alternation, median, stage_env
+from bench.common import REPO, Alternation, cpu_scaling, median, stage_env
 from src.config import parse_params
 from src.data import Dataset
 
@@ -156,7 +156,14 @@ def measure(
             "scaling 2/1": two / one,
             "foreign_share_max": max(m.foreign_share for m in runs),
         }
-    return {"augment": raw["preprocess"]["augment"], "rounds": rounds, "cases": results}
+    ceiling = cpu_scaling()
+    log(f" this machine's 2-process ceiling (pure compute loop): {ceiling['scaling']:.2f}")
+    return {
+        "augment": raw["preprocess"]["augment"],
+        "rounds": rounds,
+        "cases": results,
+        "machine_scaling": ceiling,
+    }
 
 
 if __name__ == "__main__":

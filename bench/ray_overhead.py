@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import Alternation, median
+from bench.common import Alternation, cpu_scaling, median
 from src.config import Params, parse_params
 from src.preprocess import Processed
 
@@ -133,6 +133,7 @@ def measure(
         ray_up = time.time() - start
         alt = Alternation(fns, rounds=rounds, noise_limit=noise_limit, log=log)
         runs = alt.run()
+    ceiling = cpu_scaling()
     summary: dict[str, Any] = {}
     for name in variants:
         summary[name] = {
@@ -160,6 +161,7 @@ def measure(
         },
         "summary": summary,
         "ratios": ratios,
+        "machine_scaling": ceiling,
         "runs": [
             {
                 "variant": m.variant,

@@ -130,6 +130,7 @@ def item_ray(r: dict[str, Any] | None) -> tuple[list[list[str]], str]:
         + (f"{len(disturbed)} of {len(r['runs'])} runs were taken while other processes used "
            "more than 10% of the CPUs (after retries).\n" if disturbed else
            "Every run was taken with other processes using at most 10% of the CPUs.\n")
+        + "\n" + _ceiling(r.get("machine_scaling"))
         + r.get("notes", "")
     )  # fmt: skip
     return rows, text
@@ -175,9 +176,23 @@ def item_fashion(r: dict[str, Any] | None) -> tuple[list[list[str]], str]:
     return rows, text
 
 
+# Through the pipeline (bench/fashion.py's `dvc repro`, 2 Ray workers), where the 300 s apply.
+PIPELINE_SEARCH = [
+    ("B, aug+erase x1 copy, 4 epochs (the config), DDP broadcasting buffers every step",
+     "0.9312", "1,425", "~320"),
+    ("same, batch 512", "0.9284", "1,727", "~265"),
+    ("same as the config, without Erasing", "0.9295", "1,482", "340"),
+    ("C, aug+erase x1 copy, 6 epochs", "0.9250", "2,117", "338"),
+    ("B, aug+erase x1 copy, 4 epochs (the config), no per-step buffer broadcast (measured above)",
+     "0.9312", "1,847", "291"),
+]  # fmt: skip
+
+
 def _search() -> str:
     rows = ["| configuration | test accuracy | images trained on |", "|---|---|---|"]
     rows += [f"| {c} | {a} | {n} |" for c, a, n in SEARCH]
+    piped = ["| configuration | test accuracy | images/s | training s |", "|---|---|---|---|"]
+    piped += [f"| {c} | {a} | {i} | {t} |" for c, a, i, t in PIPELINE_SEARCH]
     return (
         "\n### What was tried\n\n"
         "The search behind the config (a record of 2026-11-24, not re-run by `bench.run`): the "
@@ -192,8 +207,16 @@ def _search() -> str:
         "times); at this budget lighter regularisation wins (dropout 0.2, smoothing 0.05); the "
         "first conv at full resolution costs about a quarter of the time (its batch norm, relu and pool "
         "on 28x28x32 maps), but narrowing it to 16 channels loses more accuracy than the extra "
-        "epoch gains. On the budget: B trains at about 1,500-1,650 images/s through the "
-        "pipeline (2 workers), so 5 minutes hold about 4 epochs of one augmented copy.\n"
+        "epoch gains.\n\n"
+        "Then through the pipeline (`dvc repro`, 2 Ray workers, seed 42), where the 5 minutes "
+        "apply:\n\n" + "\n".join(piped) + "\n\n"
+        "On the budget: the best plain-loop recipe (5 epochs, 0.934) takes ~350 s through the "
+        "pipeline, over the limit; 4 epochs fit (291 s, worker start-up included) and reach "
+        "0.931. Dropping DDP's per-step BatchNorm buffer broadcast made training 1.3x faster "
+        "(1,425 to 1,847 images/s), not enough for a 5th epoch. **The 0.935 target is missed by "
+        "0.004 on this machine**; the next things to try are a cheaper first stage that keeps "
+        "its 32 channels (e.g. a stride-2 first conv) to buy the 5th epoch, and per-epoch "
+        "(online) augmentation instead of a fixed augmented copy.\n"
     )
 
 
@@ -233,9 +256,23 @@ def item_preprocess(r: dict[str, Any] | None) -> tuple[list[list[str]], str]:
         "the stage skips (the Fashion-MNIST case); *resize*: inputs 1.25x larger, resized down. "
         f"1 and 2 processes alternate, medians of {r['rounds']}. The baseline of the scaling "
         "ratio is the 1-process run of the same round set.\n\n" + "\n".join(table) + "\n\n"
+        + _ceiling(r.get("machine_scaling"))
         + r.get("notes", "")
     )  # fmt: skip
     return rows, text
+
+
+def _ceiling(m: dict[str, Any] | None) -> str:
+    """What 2 processes can reach on this machine at all (bench.common.cpu_scaling)."""
+    if not m:
+        return ""
+    return (
+        f"For scale, this machine's own ceiling measured in the same run: a pure compute loop "
+        f"(a cache-resident numpy matmul, 1 thread, no I/O) does {m['one']:,} iterations in 1 "
+        f"process and {m['two']:,} in 2 at once, a scaling of **{m['scaling']:.2f}**. Two "
+        "processes cannot scale better than that here (the 2 vCPUs share more than the "
+        "scheduler shows: a physical core or the host's memory bandwidth).\n\n"
+    )
 
 
 def item_overheads(
