@@ -81,6 +81,7 @@ SKIP = (
     "ray job submit",
     "dvc queue ",
     "dvc exp run",  # covered by test_dvc_experiment_is_a_run_in_mlflow (one experiment, not a sweep)
+    "cp params.yaml params.yaml.mine",  # the 5-minute Fashion-MNIST pipeline: bench/fashion.py
 )
 
 
