@@ -89,29 +89,26 @@ def item_ray(r: dict[str, Any] | None) -> tuple[list[list[str]], str]:
             f"{_f(v['epoch_s'], '.2f')} | {_f(v['fixed_s'], '.1f')} |"
         )
     ratio_lines = "\n".join(f"- {k}: **{v:.3f}**" for k, v in ratios.items())
-    if "plain" in s and "ray1" in s:
-        p, q = s["plain"], s["ray1"]
-        extra_p, extra_q = p["epoch_s"] - p["train_pass_s"], q["epoch_s"] - q["train_pass_s"]
-        ratio_lines += (
-            "\n\nWhere the time goes (ray1 against plain, per epoch, medians): the training pass "
-            f"takes {q['train_pass_s']:.2f} s against {p['train_pass_s']:.2f} s "
-            f"({q['train_pass_s'] / p['train_pass_s'] - 1:+.1%}); the rest of the epoch "
-            f"(validation, and for Ray the report and checkpoint) {extra_q:.2f} s against "
-            f"{extra_p:.2f} s, so reporting and checkpointing cost {extra_q - extra_p:.2f} s an "
-            f"epoch ({(extra_q - extra_p) / q['epoch_s']:.1%} of it)."
-        )
-    if "ray1" in s and "ray2" in s:
-        q, w = s["ray1"], s["ray2"]
-        extra_q, extra_w = q["epoch_s"] - q["train_pass_s"], w["epoch_s"] - w["train_pass_s"]
-        ratio_lines += (
-            "\n\nWhere the time goes (ray2 against ray1, per epoch, medians): the training pass "
-            f"takes {w['train_pass_s']:.2f} s against {q['train_pass_s']:.2f} s "
-            f"({w['train_pass_s'] / q['train_pass_s'] - 1:+.1%}): each of the 2 DDP workers "
-            f"computes half of each batch of {r['setup']['batch_size']} on 1 thread and all-reduces "
-            "the gradients every step (gloo), where the single worker splits the same batch over "
-            "2 threads with no exchange; the rest of the epoch (validation, report, checkpoint) "
-            f"takes {extra_w:.2f} s against {extra_q:.2f} s."
-        )
+    batch = r["setup"]["batch_size"]
+    why = {
+        ("ray1", "plain"): "Ray adds only the report and checkpoint to an epoch: both run the "
+        "same training pass code on 2 threads, so a gap there is this machine's run-to-run noise",
+        ("ray2", "ray1"): f"each of the 2 DDP workers computes half of each batch of {batch} on 1 "
+        "thread and all-reduces the gradients every step (gloo), where the single worker splits "
+        "the same batch over 2 threads with no exchange",
+    }
+    for (a, b), reason in why.items():
+        if a in s and b in s:
+            x, y = s[a], s[b]
+            rest_x, rest_y = x["epoch_s"] - x["train_pass_s"], y["epoch_s"] - y["train_pass_s"]
+            ratio_lines += (
+                f"\n\nWhere the time goes ({a} against {b}, per epoch, medians): the training "
+                f"pass takes {x['train_pass_s']:.2f} s against {y['train_pass_s']:.2f} s "
+                f"({x['train_pass_s'] / y['train_pass_s'] - 1:+.1%}); the rest of the epoch "
+                f"(validation, and for Ray the report and checkpoint) {rest_x:.2f} s against "
+                f"{rest_y:.2f} s ({rest_x - rest_y:+.2f} s, {(rest_x - rest_y) / x['epoch_s']:+.1%} "
+                f"of the epoch). {reason[0].upper() + reason[1:]}."
+            )
     disturbed = [x for x in r["runs"] if x["foreign_share"] > 0.10]
     text = (
         head + _context(r) + "\n"
