@@ -313,55 +313,54 @@ class Timed:
         }
 
 
-def tree_memory(pid: int, pss: bool = True) -> dict[str, float]:
+def tree_memory(pid: int, pss: bool = True, private: bool = False) -> dict[str, float | None]:
     """Memory of a process and its descendants, in bytes:
     rss     sum of resident sizes (pages shared by several processes count in each)
     pss     sum of proportional sizes (shared pages split between their processes: Ray's object
-            store counts once); read from smaps_rollup, which costs milliseconds per process,
-            so only when `pss` (else 0)
+            store counts once); read from smaps, which costs milliseconds per process, so only
+            when `pss` (else None)
     anon    sum of anonymous resident memory (what the processes allocated; not file pages such
             as memory-mapped outputs the kernel can drop, nor shared memory)
     largest_rss, root_anon, largest_child_anon  single processes
-    largest_child_private  the largest private anonymous memory of a descendant: what it
-            allocated itself, without the pages a forked child shares with its parent (counted
-            in its anon) nor file pages it mapped; read from smaps with the PSS (else 0)."""
-    keys = ("rss", "pss", "anon", "largest_rss", "root_anon", "largest_child_anon")
-    out = dict.fromkeys((*keys, "largest_child_private"), 0)
+    largest_child_private  only when `private` (else None): the largest private anonymous
+            memory of a descendant, what it allocated itself, without the pages a forked child
+            shares with its parent (counted in its anon) nor file pages it mapped. Read from
+            the descendants' full smaps, which also give their PSS."""
+    keys = ("rss", "anon", "largest_rss", "root_anon", "largest_child_anon")
+    out: dict[str, float | None] = dict.fromkeys(keys, 0)
+    out["pss"] = 0 if pss or private else None
+    out["largest_child_private"] = 0 if private else None
     try:
         root = psutil.Process(pid)
         procs = [root, *root.children(recursive=True)]
     except psutil.Error:
         return out
     for p in procs:
+        child = p.pid != pid
         try:
             info = p.memory_info()  # /proc/pid/statm: cheap
-            if pss:
-                out["pss"] += getattr(p.memory_full_info(), "pss", info.rss)
+            if private and child:
+                maps = p.memory_maps(grouped=False)
+                out["pss"] += sum(m.pss for m in maps)
+                mine = sum(
+                    m.private_clean + m.private_dirty
+                    for m in maps
+                    if not m.path or m.path.startswith(("[heap]", "[stack]", "[anon"))
+                )
+                out["largest_child_private"] = max(out["largest_child_private"], mine)
+            elif pss or private:
+                out["pss"] += getattr(p.memory_full_info(), "pss", info.rss)  # smaps_rollup
         except psutil.Error:
             continue
         anon = info.rss - info.shared
         out["rss"] += info.rss
         out["anon"] += anon
         out["largest_rss"] = max(out["largest_rss"], info.rss)
-        if p.pid == pid:
-            out["root_anon"] = anon
-        else:
+        if child:
             out["largest_child_anon"] = max(out["largest_child_anon"], anon)
-            if pss:
-                out["largest_child_private"] = max(out["largest_child_private"], private_anon(p))
+        else:
+            out["root_anon"] = anon
     return out
-
-
-def private_anon(p: psutil.Process) -> int:
-    """Bytes of anonymous memory only `p` maps (heap, stack, anonymous mappings), from smaps."""
-    total = 0
-    try:
-        for m in p.memory_maps(grouped=False):
-            if not m.path or m.path.startswith(("[heap]", "[stack]", "[anon")):
-                total += m.private_clean + m.private_dirty
-    except psutil.Error:
-        return 0
-    return total
 
 
 def run_timed(
@@ -370,12 +369,14 @@ def run_timed(
     env: dict[str, str] | None = None,
     sample: float = 0.5,
     pss_every: int = 10,
+    private: bool = False,
     echo: Callable[[str], None] | None = None,
     timeout: float = 3600,
 ) -> Timed:
     """Run `cmd`, timestamping each output line (stdout and stderr merged) and sampling its
     process tree's memory every `sample` s (PSS, which is costly to read, every `pss_every`
-    samples: None in the others)."""
+    samples: None in the others; with `private`, the workers' own memory as well, see
+    tree_memory)."""
     start = time.perf_counter()
     proc = subprocess.Popen(
         cmd, cwd=cwd, env=env or stage_env(), stdout=subprocess.PIPE,
@@ -387,9 +388,8 @@ def run_timed(
     def sampler() -> None:
         n = 0
         while not done.wait(sample):
-            m: dict[str, Any] = tree_memory(proc.pid, pss=n % pss_every == 0)
-            if n % pss_every:
-                m["pss"] = m["largest_child_private"] = None  # not read this time
+            read = n % pss_every == 0
+            m = tree_memory(proc.pid, pss=read, private=private and read)
             memory.append({"t": time.perf_counter() - start, **m})
             n += 1
 

@@ -57,7 +57,7 @@ def preprocess_peaks(
         timed = check(
             run_timed(
                 [sys.executable, "-m", "bench.preprocess_speed", str(dataset), str(dest)],
-                cwd=REPO, sample=0.1, pss_every=1,
+                cwd=REPO, sample=0.1, pss_every=1, private=True,
             ),
             "preprocess",
         )  # fmt: skip
@@ -105,7 +105,6 @@ def measure(ds: Dataset, raw: dict[str, Any], out: Path, *, factors: tuple[int, 
         "bound_images_per_worker": chunk * (2 + copies),
         "bound_mib_per_worker": chunk * (2 + copies) * side * side * ds.channels / 2**20,
         "worker_growth_mib": hi["largest_worker_private_mib"] - lo["largest_worker_private_mib"],
-        "worker_anon_growth_mib": hi["largest_worker_anon_mib"] - lo["largest_worker_anon_mib"],
         "parent_growth_mib": hi["parent_anon_mib"] - lo["parent_anon_mib"],
         "source_growth_mib": hi["source_mib"] - lo["source_mib"],
         "output_growth_mib": hi["output_mib"] - lo["output_mib"],

@@ -1126,9 +1126,7 @@ def train_stage(params: Params, root: str | os.PathLike = ".") -> dict[str, Any]
 
     experiment_id = tracking.get_or_create_experiment(t.experiment, root)
     run_name = os.environ.get("DVC_EXP_NAME") or f"train-{key[:8]}"
-    opened: dict[
-        str, str
-    ] = {}  # the MLflow run, once open: marked KILLED if the stage is abandoned
+    opened: dict[str, str] = {}  # the MLflow run once open: marked KILLED if the stage is abandoned
 
     def abandon() -> None:
         if "run_id" in opened:
