@@ -1003,6 +1003,7 @@ def sigterm_as_interrupt(on_abandon: Callable[[], None] | None = None) -> Iterat
 
 
 ABANDON_GRACE = 60.0
+ABANDON_HOOK_WAIT = 15.0
 
 
 def _stop_with_parent(
@@ -1012,28 +1013,36 @@ def _stop_with_parent(
     every: float = 0.5,
 ) -> None:
     """SIGTERM this process once its parent `parent` is gone (it is re-parented), unless `done`;
-    exit hard if it is still here ABANDON_GRACE s later."""
+    exit hard if it is still here ABANDON_GRACE s later, whether its clean-up or its exit hung."""
+    import faulthandler
+
     while not done.wait(every):
         if os.getppid() != parent:
             break
     else:
         return
-    os.kill(os.getpid(), signal.SIGTERM)
-    if done.wait(ABANDON_GRACE):
-        return  # the stage stopped cleanly (its exit follows)
-    import faulthandler
-
+    # The backstop needs no GIL: faulthandler's own C thread dumps the stacks and exits should
+    # the Python below never run again (a C call that holds the GIL and hangs).
+    faulthandler.dump_traceback_later(ABANDON_GRACE + ABANDON_HOOK_WAIT + 5.0, exit=True)
+    deadline = time.monotonic() + ABANDON_GRACE
+    # to the main thread itself: a signal another thread takes does not wake a blocked call
+    signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
+    stopped = done.wait(ABANDON_GRACE)
+    # after a clean stop the process exits by itself; its exit can hang too (a non-daemon
+    # thread, an atexit hook), so the deadline holds either way
+    time.sleep(max(0.0, deadline - time.monotonic()))
     print(
         f"error: interrupted: the dvc process that ran this stage is gone and the stage did not "
-        f"stop within {ABANDON_GRACE:.0f} s; stopping hard (stacks below)",
+        f"{'exit' if stopped else 'stop'} within {ABANDON_GRACE:.0f} s; stopping hard "
+        f"(stacks below)",
         file=sys.stderr,
         flush=True,
     )
     faulthandler.dump_traceback(all_threads=True)
-    if on_abandon is not None:
+    if on_abandon is not None and not stopped:
         last = threading.Thread(target=on_abandon, name="abandon", daemon=True)
         last.start()
-        last.join(15)
+        last.join(ABANDON_HOOK_WAIT)
     os._exit(143)
 
 

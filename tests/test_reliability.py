@@ -27,6 +27,7 @@ four fits: two interrupted, the resumed one, and the experiment.
 from __future__ import annotations
 
 import ast
+import contextlib
 import copy
 import hashlib
 import json
@@ -679,31 +680,39 @@ def logged_history(root: Path, run_id: str) -> list[dict]:
 
 
 STUCK_STAGE = """
-import os, sys, time
+import ctypes, os, sys, threading, time
 import src.train as t
-t.ABANDON_GRACE = 2.0
+t.ABANDON_GRACE, t.ABANDON_HOOK_WAIT = 2.0, 1.0
+mark, how = sys.argv[1:]
 def abandon():
-    open(sys.argv[1], "w").write("killed")
+    open(mark, "w").write("killed")
 with t.sigterm_as_interrupt(abandon):
     print("ready", flush=True)
     try:
         time.sleep(60)
-    except KeyboardInterrupt:  # a clean-up that never ends
-        while True:
-            time.sleep(1)
+    except KeyboardInterrupt:
+        if how == "clean-up":  # a clean-up that never ends
+            while True:
+                time.sleep(1)
+        if how == "gil":  # a C call that never returns and never lets go of the GIL
+            ctypes.PyDLL(None).sleep(600)
+# how == "exit": the stage stopped, but its exit waits forever on a non-daemon thread
+threading.Thread(target=time.sleep, args=(600,)).start()
 """
 
 
-def test_an_orphaned_stage_stuck_in_its_clean_up_exits_hard(tmp_path):
-    """The parent-watch's last resort: the dvc process is gone and the stage's clean-up hangs;
-    after the grace period it prints every thread's stack, runs its abandon hook (the MLflow
-    run marked KILLED) and exits 143 instead of living on as an orphan."""
+@pytest.mark.parametrize("how", ["clean-up", "exit", "gil"])
+def test_an_orphaned_stage_stuck_on_its_way_out_exits_hard(tmp_path, how):
+    """The parent-watch's last resort: the dvc process is gone and the stage hangs in its
+    clean-up, in its exit, or in a C call holding the GIL; after the grace period it prints
+    every thread's stack and exits instead of living on as an orphan. A stage that never
+    stopped also runs its abandon hook (the MLflow run marked KILLED) first, when Python can."""
     mark = tmp_path / "abandoned"
     env = {**os.environ, "DVC_STAGE": "train", "PYTHONPATH": str(REPO)}
     # sh starts the stage in the background and exits once it is ready: its parent is gone
     log = tmp_path / "log"
     script = (
-        f"{sys.executable} -c '{STUCK_STAGE}' {mark} > {log} 2>&1 & echo $!; "
+        f"{sys.executable} -c '{STUCK_STAGE}' {mark} {how} > {log} 2>&1 & echo $!; "
         f"until grep -q ready {log}; do sleep 0.1; done"
     )
     pid = int(subprocess.run(["sh", "-c", script], env=env, capture_output=True, text=True,
@@ -711,10 +720,31 @@ def test_an_orphaned_stage_stuck_in_its_clean_up_exits_hard(tmp_path):
     deadline = time.monotonic() + 60
     while not gone(pid) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert gone(pid), "the orphaned stage went on"
+    if not gone(pid):
+        os.kill(pid, signal.SIGKILL)
+        pytest.fail(f"the orphaned stage went on: {log.read_text()}")
     out = log.read_text()
-    assert "stopping hard" in out and "Thread" in out, out
-    assert mark.read_text() == "killed"
+    assert "Thread 0x" in out and "most recent call first" in out, out
+    if how == "gil":  # only faulthandler's C thread could still act
+        assert not mark.exists(), out
+    else:
+        assert "stopping hard" in out, out
+        assert mark.exists() == (how == "clean-up"), out
+
+
+def stage_report(pid: int, log: Path) -> str:
+    """What a test can say about a stage process that would not go: its threads, what each
+    waits on in the kernel, and the end of its log."""
+    lines = []
+    for task in sorted(Path(f"/proc/{pid}/task").glob("*")):
+        try:
+            comm = (task / "comm").read_text().strip()
+            wchan = (task / "wchan").read_text().strip()
+            state = (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        lines.append(f"  thread {task.name} {comm}: {state} {wchan}")
+    return "\n".join([f"process {pid}:", *lines, log.read_text()[-6000:]])
 
 
 @pytest.mark.slow
@@ -740,9 +770,11 @@ def test_interrupted_dvc_repro_resumes_at_the_next_epoch(dvc_project, tmp_path):
         deadline = time.monotonic() + 180
         while not gone(train_pid) and time.monotonic() < deadline:
             time.sleep(0.5)
-        assert gone(train_pid), "the orphaned train stage went on after dvc was killed"
+        assert gone(train_pid), "the orphaned train stage went on after dvc was killed\n" + (
+            stage_report(train_pid, log1)
+        )
     finally:
-        if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):  # the group outlives dvc: the stage
             os.killpg(proc.pid, signal.SIGKILL)
     out1 = log1.read_text()
     assert "error: interrupted" in out1, out1[-3000:]
