@@ -23,6 +23,21 @@ def raw_params() -> dict:
 
 
 @pytest.fixture(scope="session")
+def reproduced(tmp_path_factory) -> tuple[Path, dict]:
+    """One `dvc repro` of the shrunk default pipeline (TINY) in a fresh project, measured as
+    `make bench` measures item 4 (bench.overheads, once, tiny): (the project, the figures).
+    The pipeline tests and the benchmark's smoke test share it: a full repro costs a minute."""
+    import copy
+
+    from bench import overheads
+
+    raw = deep_update(yaml.safe_load((REPO / "params.yaml").read_text()), copy.deepcopy(TINY))
+    out = tmp_path_factory.mktemp("reproduced")
+    result = overheads.measure(out, params=raw, rounds=1, stages=("evaluate",), noise_limit=1.0)
+    return out / "default", result
+
+
+@pytest.fixture(scope="session")
 def fashion_dir() -> Path:
     if not (FASHION / "train-images-idx3-ubyte.gz").exists():
         pytest.skip(f"{FASHION} not found")

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from conftest import REPO, TINY, deep_update
 
-from bench import common, fashion, gpu, memory, overheads, preprocess_speed, ray_overhead, report
+from bench import common, fashion, gpu, memory, preprocess_speed, ray_overhead, report
 from src.config import load_params, parse_params
 from src.data import load_source
 from src.preprocess import load_processed, run
@@ -134,21 +134,20 @@ def test_memory_bound_smoke(tmp_path):
 
 
 @pytest.mark.slow
-def test_overheads_and_fashion_smoke(tmp_path):
-    """Item 4 on the tiny pipeline (end-to-end dvc repro, no-op, start-ups); item 2's summary of
-    the same run (the Fashion-MNIST benchmark runs `dvc repro` the same way)."""
-    raw = tiny_raw()
-    raw["train"]["epochs"] = 2
-    result = overheads.measure(
-        tmp_path, params=raw, rounds=1, stages=("evaluate",), noise_limit=1.0
-    )
+def test_overheads_and_fashion_smoke(reproduced):
+    """Item 4 on the tiny pipeline (end-to-end dvc repro, no-op, start-ups; the run that the
+    pipeline tests go on with); item 2's summary of the same run (the Fashion-MNIST benchmark
+    runs `dvc repro` the same way)."""
+    project, result = reproduced
     saved("overheads", result)
     e2e = result["end_to_end"]
     assert set(e2e["stages"]) == {"preprocess", "train", "evaluate", "register"}
-    assert e2e["training"]["epochs"] == 2 and e2e["training"]["training_s"] > 0
+    assert (
+        e2e["training"]["epochs"] == TINY["train"]["epochs"] and e2e["training"]["training_s"] > 0
+    )
     assert e2e["stages"]["train"]["pss_mib"] > 0
     assert result["noop_repro_s"] > 0 and result["ray_startup"]["init_s"] > 0
-    run_summary = fashion.summarize(e2e, tmp_path / "default")
+    run_summary = fashion.summarize(e2e, project)
     assert 0 <= run_summary["test_accuracy"] <= 1
     saved(
         "fashion",

@@ -7,7 +7,7 @@ import re
 import subprocess
 
 import pytest
-from conftest import REPO, TINY, make_project, project_env
+from conftest import REPO, project_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -22,13 +22,10 @@ def dvc(project, *args: str) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory):
+@pytest.fixture
+def project(reproduced):
     """A scratch project after one full `dvc repro` of the shrunk default pipeline."""
-    root = make_project(tmp_path_factory.mktemp("pipeline") / "project", TINY)
-    result = dvc(root, "repro")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return root
+    return reproduced[0]
 
 
 def test_repro_writes_every_stage_output(project):
@@ -80,7 +77,7 @@ SKIP = (
     "mlflow models serve",
     "ray job submit",
     "dvc queue ",
-    "dvc exp run",  # covered by test_dvc_experiment_is_a_run_in_mlflow (one experiment, not a sweep)
+    "dvc exp run",  # one experiment: test_reliability.test_experiment_after_it_is_a_distinct_run_...
     "cp params.yaml params.yaml.mine",  # the 5-minute Fashion-MNIST pipeline: bench/fashion.py
 )
 
@@ -111,26 +108,3 @@ def test_readme_fast_commands_work(project):
             timeout=300,
         )
         assert result.returncode == 0, f"README command failed: {command}\n{result.stderr[-2000:]}"
-
-
-def test_dvc_experiment_is_a_run_in_mlflow(project):
-    """`dvc exp run -S` in a temporary copy logs into the project's store, named after the experiment."""
-    result = dvc(project, "exp", "run", "--temp", "-n", "lr-test", "-S", "train.lr=0.0123")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    code = (
-        "import mlflow, json\n"
-        "runs = mlflow.search_runs(search_all_experiments=True, output_format='list')\n"
-        "print(json.dumps([[r.info.run_name, r.data.params.get('train.lr')] for r in runs]))\n"
-    )
-    out = subprocess.run(
-        ["python", "-c", code],
-        cwd=project,
-        env=project_env(MLFLOW_TRACKING_URI=f"sqlite:///{project}/mlflow.db"),
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    runs = json.loads(out.stdout.strip().splitlines()[-1])
-    assert ["lr-test", "0.0123"] in runs, runs
-    shown = dvc(project, "exp", "show", "--json")
-    assert "lr-test" in shown.stdout

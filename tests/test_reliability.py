@@ -851,8 +851,10 @@ def assert_no_secrets(root: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_experiment_after_it_is_a_distinct_run_that_the_plain_loop_reproduces(dvc_project):
-    """`dvc exp run` right after another run in the same store: a second MLflow run, none lost,
-    each step once; with 1 worker the Ray run's numbers equal the plain loop's (same seed)."""
+    """`dvc exp run --temp -S` right after another run in the same store: run in a temporary
+    copy, it logs into the project's store (not the copy's), as a second MLflow run named after
+    the experiment, none lost, each step once; `dvc exp show` lists it; with 1 worker the Ray
+    run's numbers equal the plain loop's (same seed)."""
     import torch
 
     from src.config import load_params
@@ -862,7 +864,8 @@ def test_experiment_after_it_is_a_distinct_run_that_the_plain_loop_reproduces(dv
     root = dvc_project
     before = {r.info.run_id for r in all_runs(root)}
     done = subprocess.run(
-        ["dvc", "exp", "run", "train", "-n", "one-worker", "-S", "train.num_workers=1"],
+        ["dvc", "exp", "run", "--temp", "train", "-n", "one-worker",
+         "-S", "train.num_workers=1"],
         cwd=root, env=project_env(**SECRETS), capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
@@ -874,9 +877,14 @@ def test_experiment_after_it_is_a_distinct_run_that_the_plain_loop_reproduces(dv
     assert run.data.params["train.num_workers"] == "1"
     for key in METRICS:
         assert steps(root, run.info.run_id, key) == list(range(1, EPOCHS + 1)), key
+    shown = subprocess.run(
+        ["dvc", "exp", "show", "--json"], cwd=root, env=project_env(), capture_output=True,
+        text=True, check=True,
+    )  # fmt: skip
+    assert "one-worker" in shown.stdout
 
-    params = load_params(root / "params.yaml")  # the experiment's params (num_workers 1)
-    assert params.train.num_workers == 1
+    params = load_params(root / "params.yaml")  # the workspace's: the experiment ran with
+    params = params.model_copy(update={"train": params.train.model_copy(update={"num_workers": 1})})
     threads = torch.get_num_threads()
     try:
         plain = run_local(params, load_processed(root / "data" / "processed"))

@@ -12,7 +12,6 @@ import copy
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -367,71 +366,6 @@ def test_two_worker_run_logs_one_run_and_a_model_that_reproduces(first_run):
     best = first_run["history"][saved["best_epoch"] - 1]
     assert abs(correct / count - best["val_accuracy"]) <= 1 / count
     assert saved["val_accuracy"] == pytest.approx(best["val_accuracy"])
-
-
-def _wait_for(predicate, proc, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if proc.poll() is not None:
-            out, err = proc.communicate()
-            raise AssertionError(
-                f"exited {proc.returncode} before {what}: {out[-2000:]}{err[-2000:]}"
-            )
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.5)
-
-
-def _latest_epoch(storage: Path) -> int | None:
-    for snap in storage.glob("train-*/checkpoint_manager_snapshot.json"):
-        with_ckpt = json.loads(snap.read_text()).get("latest_checkpoint_result")
-        if with_ckpt:
-            return with_ckpt["metrics"]["epoch"]
-    return None
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(900)
-def test_interrupted_stage_resumes_at_the_next_epoch(first_run, tmp_path):
-    """SIGTERM to the stage after epoch 1's checkpoint; the re-run starts at epoch 2, logs into
-    the same MLflow run, each step once, and ends with the uninterrupted run's numbers."""
-    root = clone(first_run["root"], tmp_path / "p")
-    script = str(first_run["root"] / "pipeline/train.py")
-    marker = tmp_path / "stalled"
-    fault = {"rank": 0, "epoch": 1, "at": "end", "action": "stall", "marker": str(marker)}
-    proc = subprocess.Popen(
-        [sys.executable, script], cwd=root, env=project_env(**{FAULT_ENV: json.dumps(fault)}),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        _wait_for(lambda: marker.exists() and _latest_epoch(root / "ray_results") == 1,
-                  proc, 400, "epoch 1's checkpoint")  # fmt: skip
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130, err[-3000:]
-    assert err.strip().splitlines()[-1] == "error: interrupted"
-    assert "epoch 1/3" in out and "epoch 2/3" not in out
-    (interrupted,) = store_runs(root)
-    assert interrupted.info.status == "KILLED"
-    assert steps(root, interrupted.info.run_id) == [1]
-
-    done = subprocess.run(
-        [sys.executable, script], cwd=root, env=project_env(),
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "resuming" in done.stdout
-    assert "epoch 1/3" not in done.stdout and "epoch 2/3" in done.stdout  # went on at epoch 2
-    (run,) = store_runs(root)  # the same MLflow run, not a second one
-    assert run.info.run_id == interrupted.info.run_id and run.info.status == "FINISHED"
-    for key in METRICS:
-        assert steps(root, run.info.run_id, key) == [1, 2, 3], key
-    # determinism: the interrupted + resumed run computed exactly what the first run did
-    assert logged_history(root, run.info.run_id) == first_run["history"]
 
 
 @pytest.mark.slow
