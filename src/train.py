@@ -598,7 +598,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # own either way; run_epochs copies them to every rank once per epoch instead.
     wrap = functools.partial(
         ray.train.torch.prepare_model,
-        parallel_strategy_kwargs={"broadcast_buffers": False, "gradient_as_bucket_view": True},
+        parallel_strategy_kwargs={**no_buffer_sync(), "gradient_as_bucket_view": True},
     )
     loop = make_loop(spec, images, labels, comm, device, state=state, wrap=wrap)
     fault = _Fault(**(config.get("fault") or {}))
@@ -624,6 +624,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             fault.fire(rank, epoch, "mid")
 
     run_epochs(loop, comm, history, on_epoch=on_epoch, on_step=on_step)
+
+
+def no_buffer_sync() -> dict[str, bool]:
+    """DDP's option to skip the per-step buffer broadcast: `forward_sync_buffers` from torch
+    2.13 (`broadcast_buffers` is deprecated there), `broadcast_buffers` before it."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
 
 
 def machine_resources() -> dict[str, float]:
