@@ -260,8 +260,11 @@ def _as_nhwc(images: np.ndarray) -> np.ndarray:
     return images[..., None] if images.ndim == 3 else images
 
 
-def _resize_pad(images, transform, preprocess: dict[str, Any]) -> np.ndarray:
-    """Apply the test-split transform to a sequence of images -> uint8 (n, S, S, C).
+def _resize_pad(
+    images, transform, preprocess: dict[str, Any], out: np.ndarray | None = None
+) -> np.ndarray:
+    """Apply the test-split transform to a sequence of images -> uint8 (n, S, S, C), written
+    into `out` when given (e.g. the output file's rows: no chunk-sized buffer to allocate).
 
     A stacked array already at image_size needs no resize (an identity for both modes), so it
     is padded in one numpy call: the same pixels as the per-image path, ~20x faster.
@@ -275,9 +278,12 @@ def _resize_pad(images, transform, preprocess: dict[str, Any]) -> np.ndarray:
         widths = [(0, 0), (pad, pad), (pad, pad)] + [(0, 0)] * (images.ndim - 3)
         mode = _NUMPY_PAD[preprocess["border_mode"]]
         extra = {"constant_values": preprocess["fill"]} if mode == "constant" else {}
-        return _as_nhwc(np.pad(images, widths, mode=mode, **extra) if pad else np.array(images))
+        padded = _as_nhwc(np.pad(images, widths, mode=mode, **extra) if pad else np.array(images))
+        if out is None:
+            return padded
+        out[...] = padded
+        return out
     side = output_side(preprocess)
-    out = None
     for i, image in enumerate(images):
         result = transform(image=image)["image"]
         if out is None:
@@ -321,12 +327,15 @@ def _init_worker(
         _WORKER["error"] = e  # raises restarts the worker forever, and the stage would hang
 
 
-def _augment_block(originals: np.ndarray, index: int, copy: int) -> np.ndarray:
-    """Augmented copy `copy` of chunk `index` (seeded by base.seed, index, copy alone)."""
+def _augment_block(
+    originals: np.ndarray, index: int, copy: int, out: np.ndarray | None = None
+) -> np.ndarray:
+    """Augmented copy `copy` of chunk `index` (seeded by base.seed, index, copy alone), written
+    into `out` when given."""
     policy, source = _WORKER["augment"], _WORKER["source"]
     policy.set_random_state(*chunk_rng(_WORKER["seed"], index, copy))
     gray = originals.shape[-1] == 1
-    block = np.empty_like(originals)
+    block = np.empty_like(originals) if out is None else out
     for i, image in enumerate(originals):
         image = image[:, :, 0] if gray else image  # albumentations keeps gray images 2-D
         try:
@@ -356,19 +365,29 @@ def _process_chunk(task: tuple) -> tuple:
     if "error" in _WORKER:
         raise _WORKER["error"]
     split, index, start, images, copies = task
-    originals = _resize_pad(images, _WORKER["eval"], _WORKER["preprocess"])
-    stop = start + len(originals)
+    stop = start + len(images)
     out = _WORKER[split]
-    out[start:stop] = originals
+    # straight into the output file's rows: a chunk-sized buffer would be fresh memory to
+    # fault in for each chunk (slow on VMs, and it serialises the workers there)
+    originals = _resize_pad(images, _WORKER["eval"], _WORKER["preprocess"], out[start:stop])
     if split == "test":
         return split, None, None
     n0 = _WORKER["num_originals"]
     for copy in range(1, copies + 1):
-        out[copy * n0 + start : copy * n0 + stop] = _augment_block(originals, index, copy)
+        _augment_block(originals, index, copy, out[copy * n0 + start : copy * n0 + stop])
     flat = originals.reshape(-1, originals.shape[-1])
     sums = flat.sum(axis=0, dtype=np.uint64)
     squares = np.square(flat, dtype=np.uint32).sum(axis=0, dtype=np.uint64)
     return split, sums, squares
+
+
+_FORKED_TASKS: list[tuple] = []  # the tasks, set before a fork: workers read them from there
+
+
+def _process_forked(k: int) -> tuple:
+    """Worker (forked): task `k`, whose pixels are the parent's, shared copy-on-write: nothing
+    is pickled, copied or freshly allocated per chunk."""
+    return _process_chunk(_FORKED_TASKS[k])
 
 
 def _mp_context():
@@ -436,7 +455,8 @@ def run_chunks(
     """Run `_process_chunk` over `tasks` on `workers` processes; call `on_result` in task order.
 
     At most 2 x workers chunks are in flight, so the queues never hold more than that many
-    chunks' input pixels. One worker runs in this process (no pool).
+    chunks' input pixels; forked workers read theirs from this process's memory instead (shared,
+    never copied). One worker runs in this process (no pool).
     """
     if workers <= 1:
         with _cv2_threads(1), _progress(total, quiet) as bar:
@@ -448,19 +468,26 @@ def run_chunks(
             finally:
                 _WORKER.clear()  # drop this process's maps of the output files
         return
-    with _mp_context().Pool(workers, initializer=_init_worker, initargs=initargs) as pool:
-        pending: deque = deque()
-        with _progress(total, quiet) as bar:
-            for task in tasks:
-                pending.append((len(task[3]), pool.apply_async(_process_chunk, (task,))))
-                while len(pending) >= 2 * workers:
+    ctx = _mp_context()
+    forked = ctx.get_start_method() == "fork"
+    _FORKED_TASKS[:] = tasks if forked else []
+    try:
+        with ctx.Pool(workers, initializer=_init_worker, initargs=initargs) as pool:
+            pending: deque = deque()
+            with _progress(total, quiet) as bar:
+                for k, task in enumerate(tasks):
+                    call = (_process_forked, (k,)) if forked else (_process_chunk, (task,))
+                    pending.append((len(task[3]), pool.apply_async(*call)))
+                    while len(pending) >= 2 * workers:
+                        n, result = pending.popleft()
+                        on_result(result.get())
+                        bar.update(n)
+                while pending:
                     n, result = pending.popleft()
                     on_result(result.get())
                     bar.update(n)
-            while pending:
-                n, result = pending.popleft()
-                on_result(result.get())
-                bar.update(n)
+    finally:
+        _FORKED_TASKS.clear()
 
 
 # ---------------------------------------------------------------------------------------------
