@@ -27,13 +27,12 @@ def reproduced(tmp_path_factory) -> tuple[Path, dict]:
     """One `dvc repro` of the shrunk default pipeline (TINY) in a fresh project, measured as
     `make bench` measures item 4 (bench.overheads, once, tiny): (the project, the figures).
     The pipeline tests and the benchmark's smoke test share it: a full repro costs a minute."""
-    import copy
-
     from bench import overheads
 
-    raw = deep_update(yaml.safe_load((REPO / "params.yaml").read_text()), copy.deepcopy(TINY))
     out = tmp_path_factory.mktemp("reproduced")
-    result = overheads.measure(out, params=raw, rounds=1, stages=("evaluate",), noise_limit=1.0)
+    result = overheads.measure(
+        out, params=tiny_raw(), rounds=1, stages=("evaluate",), noise_limit=1.0
+    )
     return out / "default", result
 
 
@@ -109,6 +108,13 @@ def project_env(**extra: str) -> dict:
     env.pop("RAY_ADDRESS", None)
     env.update(extra)
     return env
+
+
+def tiny_raw() -> dict:
+    """The repository's params.yaml as a dict, shrunk by TINY."""
+    import copy
+
+    return deep_update(yaml.safe_load((REPO / "params.yaml").read_text()), copy.deepcopy(TINY))
 
 
 # Small enough for a 2-worker Ray run in well under a minute, big enough to learn something.

@@ -3,13 +3,12 @@ Nothing here asserts on time; the figures are `make bench`'s (BENCHMARKS.md)."""
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, TINY, deep_update
+from conftest import REPO, TINY, tiny_raw
 
 from bench import common, fashion, gpu, memory, preprocess_speed, ray_overhead, report
 from src.config import load_params, parse_params
@@ -17,11 +16,6 @@ from src.data import load_source
 from src.preprocess import load_processed, run
 
 RESULTS: dict[str, dict] = {}  # what the smoke runs return, rendered by the last test
-
-
-def tiny_raw() -> dict:
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    return deep_update(raw, copy.deepcopy(TINY))
 
 
 @pytest.fixture(scope="module")
