@@ -48,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -918,8 +919,57 @@ class RunFolder:
     def __init__(self, storage: str, name: str) -> None:
         import pyarrow.fs
 
+        self.storage, self.name = storage, name
         self.fs, base = pyarrow.fs.FileSystem.from_uri(storage)
         self.path = f"{base.rstrip('/')}/{name}"
+
+    @contextlib.contextmanager
+    def claim(self, wait: float | None = None) -> Iterator[None]:
+        """Hold the run for this stage: an exclusive lock on `storage/.name.lock` (local or NFS
+        storage; an object store has no locks, and then nothing is held). A second stage of
+        the same run waits up to `wait` s (default: as long as an interrupted stage may take to
+        stop) and then fails in one line: a queued twin experiment, or a `dvc repro` started
+        while an interrupted stage still cleans up (at Ctrl-C, /bin/sh as dash dies at once
+        and dvc returns before its stage has stopped)."""
+        import pyarrow.fs
+
+        try:
+            import fcntl
+        except ImportError:  # not POSIX
+            fcntl = None
+        if fcntl is None or not isinstance(self.fs, pyarrow.fs.LocalFileSystem):
+            yield
+            return
+        wait = ABANDON_GRACE + ABANDON_HOOK_WAIT + 15.0 if wait is None else wait
+        lock = Path(self.path).parent / f".{self.name}.lock"
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        with open(lock, "a+") as f:  # not inherited by the processes the stage starts
+            deadline, told = time.monotonic() + wait, False
+            while True:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    f.seek(0)
+                    holder = f.read().strip() or "unknown"
+                if time.monotonic() > deadline:
+                    raise PipelineError(
+                        f"train.storage_path: run {self.name} is in use by another train stage "
+                        f"(pid {holder}, lock {lock}); wait for it to end or stop it"
+                    )
+                if not told:
+                    print(f"waiting for the train stage (pid {holder}) that holds run "
+                          f"{self.name} to end", flush=True)  # fmt: skip
+                    told = True
+                time.sleep(0.2)
+            f.seek(0)
+            f.truncate()
+            f.write(str(os.getpid()))
+            f.flush()
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
 
     def read(self, filename: str) -> dict[str, Any] | None:
         """The JSON in `filename`, or None when absent or unreadable."""
@@ -1002,7 +1052,7 @@ def sigterm_as_interrupt(on_abandon: Callable[[], None] | None = None) -> Iterat
     if os.environ.get("DVC_STAGE"):
         watch = threading.Thread(
             target=_stop_with_parent,
-            args=(os.getppid(), done, on_abandon),
+            args=(launcher_chain(), done, on_abandon),
             name="parent-watch",
             daemon=True,
         )
@@ -1016,20 +1066,49 @@ def sigterm_as_interrupt(on_abandon: Callable[[], None] | None = None) -> Iterat
 
 ABANDON_GRACE = 60.0
 ABANDON_HOOK_WAIT = 15.0
+SHELLS = frozenset({"sh", "dash", "bash", "zsh", "fish", "ksh", "mksh"})
+
+
+def launcher_chain(limit: int = 4) -> list[int]:
+    """The pids from this process's parent up to the first one that is not a shell: the
+    process that started the stage. DVC runs a stage as `$SHELL -c CMD`, and some shells
+    (/bin/sh as dash, where SHELL is unset) do not exec CMD but wait for it: the stage's parent
+    is then a shell that lives on when dvc dies."""
+    import psutil
+
+    chain = [os.getppid()]
+    with contextlib.suppress(psutil.Error):
+        while len(chain) < limit and psutil.Process(chain[-1]).name() in SHELLS:
+            chain.append(psutil.Process(chain[-1]).ppid())
+    return chain
+
+
+def _chain_holds(chain: list[int]) -> bool:
+    """Every process of `chain` is still the parent of the one before it (a process whose
+    parent dies is re-parented, so a broken link means an ancestor is gone)."""
+    import psutil
+
+    if os.getppid() != chain[0]:
+        return False
+    try:
+        return all(psutil.Process(c).ppid() == p for c, p in itertools.pairwise(chain))
+    except psutil.Error:
+        return False
 
 
 def _stop_with_parent(
-    parent: int,
+    chain: list[int],
     done: threading.Event,
     on_abandon: Callable[[], None] | None = None,
     every: float = 0.5,
 ) -> None:
-    """SIGTERM this process once its parent `parent` is gone (it is re-parented), unless `done`;
-    exit hard if it is still here ABANDON_GRACE s later, whether its clean-up or its exit hung."""
+    """SIGTERM this process once the process that started it is gone (`chain`: see
+    launcher_chain), unless `done`; exit hard if it is still here ABANDON_GRACE s later,
+    whether its clean-up or its exit hung."""
     import faulthandler
 
     while not done.wait(every):
-        if os.getppid() != parent:
+        if not _chain_holds(chain):
             break
     else:
         return
@@ -1141,6 +1220,16 @@ def train_stage(params: Params, root: str | os.PathLike = ".") -> dict[str, Any]
     storage = storage_uri(t.storage_path, root)
     ray_name = f"train-{key}"
     folder = RunFolder(storage, ray_name)
+    with folder.claim():
+        return _train_run(params, root, data, spec, folder, data_hash)
+
+
+def _train_run(
+    params: Params, root: Path, data: Any, spec: LoopSpec, folder: RunFolder, data_hash: str
+) -> dict[str, Any]:
+    """train_stage's work once it holds the run's folder: see train_stage."""
+    t, paths = params.train, params.paths
+    storage, ray_name, key = folder.storage, folder.name, folder.name.removeprefix("train-")
     uri = tracking.setup(root)  # an unreachable store fails here, before anything is deleted
     if folder.read(DONE_FILE) is not None:  # that run finished: train anew, don't "resume" it
         folder.delete()

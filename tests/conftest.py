@@ -99,11 +99,14 @@ def make_project(dest: Path, overrides: dict | None = None, *, dvc: bool = True)
 
 
 def project_env(**extra: str) -> dict:
-    """The environment stage subprocesses run with: the venv first on PATH, no update checks."""
+    """The environment stage subprocesses run with: the venv first on PATH, no update checks,
+    and no SHELL, as in CI: DVC then runs stages through /bin/sh, which may (dash) keep a shell
+    between dvc and the stage."""
     import sys
 
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.pop("SHELL", None)
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("RAY_ADDRESS", None)
     env.update(extra)

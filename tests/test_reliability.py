@@ -634,15 +634,16 @@ def checkpointed_epoch(root: Path) -> int | None:
 
 
 def stage_pid(dvc_pid: int, script: str) -> int | None:
-    """The pid of the stage command `script` that process `dvc_pid` runs, or None."""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            cmdline = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except (OSError, ValueError, IndexError):
-            continue
-        if parent == dvc_pid and script in cmdline:
-            return int(stat.parent.name)
+    """The pid of the stage command `script` that process `dvc_pid` runs (through a shell that
+    may stay between them), or None."""
+    import psutil
+
+    from src.train import SHELLS
+
+    for child in psutil.Process(dvc_pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if child.name() not in SHELLS and script in " ".join(child.cmdline()):
+                return child.pid
     return None
 
 
@@ -691,6 +692,8 @@ with t.sigterm_as_interrupt(abandon):
     try:
         time.sleep(60)
     except KeyboardInterrupt:
+        if how == "stops":  # a stage that stops cleanly
+            raise
         if how == "clean-up":  # a clean-up that never ends
             while True:
                 time.sleep(1)
@@ -730,6 +733,74 @@ def test_an_orphaned_stage_stuck_on_its_way_out_exits_hard(tmp_path, how):
     else:
         assert "stopping hard" in out, out
         assert mark.exists() == (how == "clean-up"), out
+
+
+def test_a_stage_behind_a_shell_stops_when_dvc_is_gone(tmp_path):
+    """DVC runs a stage as `$SHELL -c CMD`; /bin/sh as dash (SHELL unset, as in CI) does not
+    exec CMD but waits for it, so the stage's parent is a shell that outlives dvc. The stage
+    watches the process above the shell and stops (cleanly, through its interrupt) when it
+    dies."""
+    env = {**os.environ, "DVC_STAGE": "train", "PYTHONPATH": str(REPO)}
+    log = tmp_path / "log"
+    # the stand-in for dvc: starts the stage through a shell that cannot exec it (`; exit`),
+    # prints the stage's pid once it is ready (the shell's child: the shell did not exec it), and
+    # dies without a word to it
+    launcher = f"""
+import os, subprocess, sys, time
+shell = subprocess.Popen(["/bin/sh", "-c", sys.argv[1] + "; exit $?"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+while "ready" not in open({str(log)!r}).read():
+    time.sleep(0.1)
+print(subprocess.check_output(["pgrep", "-P", str(shell.pid)], text=True).strip(), flush=True)
+os._exit(0)
+"""
+    stage = f"{sys.executable} -c '{STUCK_STAGE}' {tmp_path / 'abandoned'} stops > {log} 2>&1"
+    log.write_text("")
+    pid = int(subprocess.run([sys.executable, "-c", launcher, stage], env=env,
+                             capture_output=True, text=True, check=True, timeout=60).stdout)  # fmt: skip
+    deadline = time.monotonic() + 30
+    while not gone(pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if not gone(pid):
+        os.kill(pid, signal.SIGKILL)
+        pytest.fail(f"the stage outlived dvc behind its shell: {log.read_text()}")
+    assert "KeyboardInterrupt" in log.read_text() and "stopping hard" not in log.read_text()
+
+
+def test_a_run_is_held_by_one_train_stage_at_a_time(tmp_path, capsys):
+    """RunFolder.claim: while a stage holds a run, a second one of the same run waits for it,
+    and fails in one line (naming the holder's pid) if it does not end in time; another run is
+    free meanwhile."""
+    from src.errors import PipelineError
+    from src.train import RunFolder
+
+    storage = str(tmp_path / "ray_results")
+    hold = (
+        "import sys, time\nfrom src.train import RunFolder\n"
+        "with RunFolder(sys.argv[1], 'train-abc').claim():\n"
+        "    print('held', flush=True)\n    time.sleep(float(sys.argv[2]))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    holder = subprocess.Popen([sys.executable, "-c", hold, storage, "60"], env=env,
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(PipelineError, match=rf"train.storage_path: .*pid {holder.pid}\b"):
+            with RunFolder(storage, "train-abc").claim(wait=1.0):
+                pass
+        with RunFolder(storage, "train-other").claim(wait=0.0):
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+    short = subprocess.Popen([sys.executable, "-c", hold, storage, "1"], env=env,
+                             stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert short.stdout.readline().strip() == "held"
+    capsys.readouterr()
+    with RunFolder(storage, "train-abc").claim(wait=60.0):  # once the holder lets go
+        pass
+    assert f"waiting for the train stage (pid {short.pid})" in capsys.readouterr().out
+    short.wait()
 
 
 def stage_report(pid: int, log: Path) -> str:
@@ -792,15 +863,24 @@ def test_interrupted_dvc_repro_resumes_at_the_next_epoch(dvc_project, tmp_path):
     try:
         wait_for(lambda: marker.exists() and checkpointed_epoch(root) == 2, proc, log2,
                  "epoch 2's checkpoint")  # fmt: skip
+        train_pid = stage_pid(proc.pid, "pipeline/train.py")
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
         proc.wait(timeout=180)
+        # /bin/sh as dash dies of the SIGINT at once, and dvc returns while its stage still
+        # cleans up (a next stage of the run waits for it: RunFolder.claim)
+        deadline = time.monotonic() + 120
+        while not gone(train_pid) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert gone(train_pid), stage_report(train_pid, log2)
     finally:
-        if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
     out2 = log2.read_text()
     assert proc.returncode != 0, out2[-3000:]
     assert "resuming train-" in out2 and "error: interrupted" in out2, out2[-3000:]
-    assert "exited with 130" in out2, out2[-3000:]  # an interrupt, not a success or a crash
+    # an interrupt, not a success or a crash: the stage's own 130 (a shell that exec'd it, e.g.
+    # bash) or its shell killed by the SIGINT (dash, where SHELL is unset)
+    assert re.search(r"exited with (130|-2)\b", out2), out2[-3000:]
     assert "epoch 1/3" not in out2, out2[-3000:]
     (again,) = all_runs(root)
     assert again.info.run_id == run.info.run_id and again.info.status == "KILLED"
