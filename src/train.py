@@ -1220,17 +1220,23 @@ def train_stage(params: Params, root: str | os.PathLike = ".") -> dict[str, Any]
     storage = storage_uri(t.storage_path, root)
     ray_name = f"train-{key}"
     folder = RunFolder(storage, ray_name)
+    uri = tracking.setup(root)  # an unreachable store fails here, before anything is written
     with folder.claim():
-        return _train_run(params, root, data, spec, folder, data_hash)
+        return _train_run(params, root, data, spec, folder, data_hash, uri)
 
 
 def _train_run(
-    params: Params, root: Path, data: Any, spec: LoopSpec, folder: RunFolder, data_hash: str
+    params: Params,
+    root: Path,
+    data: Any,
+    spec: LoopSpec,
+    folder: RunFolder,
+    data_hash: str,
+    uri: str,
 ) -> dict[str, Any]:
     """train_stage's work once it holds the run's folder: see train_stage."""
     t, paths = params.train, params.paths
     storage, ray_name, key = folder.storage, folder.name, folder.name.removeprefix("train-")
-    uri = tracking.setup(root)  # an unreachable store fails here, before anything is deleted
     if folder.read(DONE_FILE) is not None:  # that run finished: train anew, don't "resume" it
         folder.delete()
 
