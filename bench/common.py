@@ -171,6 +171,57 @@ class Noise:
         return self.foreign_seconds() / (wall * cpus())
 
 
+class CpuTimeline:
+    """Samples, every `interval` s in a thread, the CPU seconds of this process's descendants
+    (a local Ray instance: raylet, GCS, Ray's actors, the training workers), so that a
+    benchmark can say who used the CPUs in a window it learns afterwards (e.g. between two
+    checkpoints). Processes are named by their process name (`ray::TrainController`, ...)."""
+
+    def __init__(self, interval: float = 0.5) -> None:
+        self.interval = interval
+        self.root = os.getpid()
+        self.samples: list[tuple[float, dict[tuple[int, float], tuple[str, float]]]] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _sample(self) -> None:
+        seen: dict[tuple[int, float], tuple[str, float]] = {}
+        for pid in _ours(self.root) - {self.root}:
+            try:
+                p = psutil.Process(pid)
+                with p.oneshot():
+                    t = p.cpu_times()
+                    seen[(pid, p.create_time())] = (p.name(), t.user + t.system)
+            except psutil.Error:
+                continue
+        self.samples.append((time.time(), seen))
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def __enter__(self) -> CpuTimeline:
+        self._sample()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def used(self, start: float, stop: float) -> tuple[float, dict[str, float]]:
+        """(seconds between the samples nearest `start` and `stop`, {process name: CPU seconds
+        its processes used in between}); a process born in between counts from zero."""
+        (t0, a), (t1, b) = (min(self.samples, key=lambda s: abs(s[0] - t)) for t in (start, stop))
+        by_name: dict[str, float] = {}
+        for key, (name, cpu) in b.items():
+            before = a[key][1] if key in a else 0.0
+            by_name[name] = by_name.get(name, 0.0) + max(cpu - before, 0.0)
+        return t1 - t0, by_name
+
+
 def wait_quiet(limit: float = 0.1, patience: float = 120.0, probe: float = 3.0) -> float:
     """Wait (up to `patience` s) until other processes use less than `limit` of the CPUs over
     `probe` s; return the last share seen."""

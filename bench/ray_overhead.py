@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import Alternation, cpu_scaling, median
+from bench.common import Alternation, CpuTimeline, cpu_scaling, cpus, median
 from src.config import Params, parse_params
 from src.preprocess import Processed
 
@@ -70,14 +70,31 @@ def _rates(history: list[dict[str, Any]], ends: list[float], wall: float) -> dic
     }
 
 
+def ray_cpu(timeline: CpuTimeline, ends: list[float]) -> dict[str, Any]:
+    """Who used the CPUs between the first and the last epoch end: the training workers and
+    Ray's own processes (raylet, GCS, the Train controller and its helper actors, idle
+    workers), each as a share of the machine's CPUs."""
+    wall, used = timeline.used(ends[0], ends[-1])
+    total = max(wall, 1e-9) * cpus()
+    workers = sum(v for k, v in used.items() if "RayTrainWorker" in k)
+    helpers = {k: v / total for k, v in used.items() if "RayTrainWorker" not in k and v > 0}
+    return {
+        "worker_share": workers / total,
+        "ray_share": sum(helpers.values()),
+        "ray_processes": dict(sorted(helpers.items(), key=lambda kv: -kv[1])),
+    }
+
+
 def run_plain(params: Params, data: Processed) -> dict[str, Any]:
-    """One plain-loop run: its rates (see the module docstring)."""
+    """One plain-loop run: its rates (see the module docstring), and the CPU share the idle
+    Ray instance beside it took."""
     from src.train import run_local
 
     ends: list[float] = []
     start = time.time()
-    history = run_local(params, data, on_epoch=lambda *a: ends.append(time.time()))
-    return _rates(history, ends, time.time() - start)
+    with CpuTimeline() as timeline:
+        history = run_local(params, data, on_epoch=lambda *a: ends.append(time.time()))
+    return {**_rates(history, ends, time.time() - start), **ray_cpu(timeline, ends)}
 
 
 def checkpoint_times(storage: Path) -> list[float]:
@@ -92,12 +109,13 @@ def run_on_ray(params: Params, data: Processed, scratch: Path) -> dict[str, Any]
 
     storage = Path(tempfile.mkdtemp(dir=scratch))
     start = time.time()
-    history = run_ray(params, data, storage)
+    with CpuTimeline() as timeline:
+        history = run_ray(params, data, storage)
     wall = time.time() - start
     ends = checkpoint_times(storage)
     if len(ends) != len(history):
         raise RuntimeError(f"expected {len(history)} checkpoints in {storage}, found {len(ends)}")
-    return _rates(history, ends, wall)
+    return {**_rates(history, ends, wall), **ray_cpu(timeline, ends)}
 
 
 def measure(
@@ -138,8 +156,15 @@ def measure(
     for name in variants:
         summary[name] = {
             key: median(alt.values(name, key))
-            for key in ("epoch_ips", "loop_ips", "epoch_s", "train_pass_s", "fixed_s", "wall_s")
-        }
+            for key in ("epoch_ips", "loop_ips", "epoch_s", "train_pass_s", "fixed_s", "wall_s",
+                        "worker_share", "ray_share")
+        }  # fmt: skip
+        procs = alt.values(name, "ray_processes")
+        names = {k for p in procs for k in p}
+        summary[name]["ray_processes"] = dict(
+            sorted(((k, median([p.get(k, 0.0) for p in procs])) for k in names),
+                   key=lambda kv: -kv[1])
+        )  # fmt: skip
         summary[name]["threads"] = f"{VARIANTS[name][0]} x {VARIANTS[name][1]}"
     # each ratio is the median of the rounds' ratios: a variant is compared with its neighbour
     # in time, so a slow stretch of this shared machine weighs on both sides of a ratio

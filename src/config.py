@@ -100,6 +100,9 @@ class TrainParams(Section):
     schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     val_fraction: float = Field(0.1, gt=0, lt=1)
+    # null: every epoch trains on each original and all its augmented copies; k: on each
+    # original and k of its copies, taken in turn (fresh views each epoch at the same cost)
+    copies_per_epoch: int | None = Field(None, gt=0)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     channels_last: bool = True
     max_failures: int = Field(1, ge=0)

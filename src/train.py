@@ -181,14 +181,39 @@ def epoch_batches(
     return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
 
 
+def epoch_rows(train_rows: np.ndarray, epoch: int, spec: LoopSpec, copies: int) -> np.ndarray:
+    """The rows `epoch` trains on: all of `train_rows` or, with train.copies_per_epoch k, each
+    original and k of its `copies` augmented copies, taken in turn (epoch 1 copies 1..k,
+    epoch 2 the next k, wrapping round), so every epoch is the same size and sees fresh views."""
+    k = spec.train.get("copies_per_epoch")
+    if k is None or k >= copies:
+        return train_rows
+    copy = train_rows // spec.num_originals  # 0: the original itself
+    turn = (copy - 1 - (epoch - 1) * k) % copies
+    return train_rows[(copy == 0) | (turn < k)]
+
+
+def augmented_copies(spec: LoopSpec, labels: np.ndarray) -> int:
+    """How many augmented copies of each original the training rows hold."""
+    return len(labels) // spec.num_originals - 1
+
+
 def training_split(spec: LoopSpec, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """split_indices for `spec`, checked: at least one full global batch to train on."""
+    """split_indices for `spec`, checked: at least one full global batch to train on per epoch,
+    and no more copies per epoch than preprocess made."""
     t = spec.train
     train_rows, val_rows = split_indices(labels, spec.num_originals, t["val_fraction"], spec.seed)
-    if len(train_rows) < t["batch_size"]:
+    copies, k = augmented_copies(spec, labels), t.get("copies_per_epoch")
+    if k is not None and k > copies:
+        raise PipelineError(
+            f"train.copies_per_epoch {k} is more than the {copies} augmented copies of each "
+            f"image in the processed data (preprocess.augment_copies)"
+        )
+    per_epoch = len(epoch_rows(train_rows, 1, spec, copies))
+    if per_epoch < t["batch_size"]:
         raise PipelineError(
             f"train.batch_size {t['batch_size']} is larger than the training split "
-            f"({len(train_rows)} rows after holding out train.val_fraction)"
+            f"({per_epoch} rows per epoch after holding out train.val_fraction)"
         )
     return train_rows, val_rows
 
@@ -391,6 +416,7 @@ class Loop:
     val_rows: np.ndarray
     batch_size: int  # per worker
     autocast: Callable[[], contextlib.AbstractContextManager]
+    copies: int  # augmented copies of each original in the training rows
 
     def state(self, history: list[dict[str, Any]]) -> dict[str, Any]:
         """The checkpoint: weights, optimizer, schedule and the history so far (plain types and
@@ -422,7 +448,8 @@ def make_loop(
     autocast = autocast_for(t["precision"], device)
     train_rows, val_rows = training_split(spec, labels)
     batch = t["batch_size"] // comm.world_size
-    steps = len(train_rows) // t["batch_size"]
+    copies = augmented_copies(spec, labels)
+    steps = len(epoch_rows(train_rows, 1, spec, copies)) // t["batch_size"]
     torch.manual_seed(spec.seed)
     net = CNN(CNNConfig(**spec.model))
     if state is not None:
@@ -440,8 +467,9 @@ def make_loop(
             scaler.load_state_dict(state["scaler"])
     data = DeviceData(images, labels, spec.mean, spec.std, device, t["channels_last"])
     return Loop(
-        spec, net, model, optimizer, scheduler, scaler, data, train_rows, val_rows, batch, autocast
-    )
+        spec, net, model, optimizer, scheduler, scaler, data, train_rows, val_rows, batch,
+        autocast, copies,
+    )  # fmt: skip
 
 
 EpochHook = Callable[[dict[str, Any], Loop, list[dict[str, Any]]], None]
@@ -466,9 +494,8 @@ def run_epochs(
     history = list(history or [])
     for epoch in range(len(history) + 1, t["epochs"] + 1):
         seed_epoch(spec.seed, epoch, comm.rank)
-        batches = epoch_batches(
-            loop.train_rows, epoch, spec.seed, comm.rank, comm.world_size, loop.batch_size
-        )
+        rows = epoch_rows(loop.train_rows, epoch, spec, loop.copies)
+        batches = epoch_batches(rows, epoch, spec.seed, comm.rank, comm.world_size, loop.batch_size)
         lr = loop.optimizer.param_groups[0]["lr"]
         hook = None if on_step is None else functools.partial(on_step, epoch, steps=len(batches))
         loss, correct, count, seconds = train_epoch(
