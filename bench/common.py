@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 import psutil
@@ -107,7 +107,40 @@ def _ours(root: int) -> set[int]:
         return {root}
 
 
-class Noise:
+class _Sampler:
+    """Calls `_sample()` on entering, every `interval` s in a thread, and on leaving."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.root = os.getpid()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.start_time = 0.0
+        self.stop_time = 0.0
+
+    def _sample(self, initial: bool = False) -> None:
+        raise NotImplementedError
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def __enter__(self) -> Self:
+        self.start_time = time.time()
+        self._sample(initial=True)
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._sample()
+        self.stop_time = time.time()
+
+
+class Noise(_Sampler):
     """Samples, every `interval` s in a thread, the CPU seconds each process on the machine used;
     `foreign_share()` is the CPU used by processes that are not this one or its descendants, as
     a fraction of all cores over the window. A benchmark on a shared machine uses it to tell a
@@ -115,15 +148,10 @@ class Noise:
     lives less than one interval is missed."""
 
     def __init__(self, interval: float = 1.0) -> None:
-        self.interval = interval
-        self.root = os.getpid()
+        super().__init__(interval)
         self._first: dict[tuple[int, float], float] = {}
         self._last: dict[tuple[int, float], float] = {}
         self._foreign: set[tuple[int, float]] = set()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.start_time = 0.0
-        self.stop_time = 0.0
 
     def _sample(self, initial: bool = False) -> None:
         ours = _ours(self.root)
@@ -143,24 +171,6 @@ class Noise:
             else:
                 self._foreign.discard(key)
 
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
-            self._sample()
-
-    def __enter__(self) -> Noise:
-        self.start_time = time.time()
-        self._sample(initial=True)
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        self._sample()
-        self.stop_time = time.time()
-
     def foreign_seconds(self) -> float:
         """CPU seconds used by other processes during the window."""
         return sum(max(self._last[k] - self._first[k], 0.0) for k in self._foreign)
@@ -171,20 +181,17 @@ class Noise:
         return self.foreign_seconds() / (wall * cpus())
 
 
-class CpuTimeline:
+class CpuTimeline(_Sampler):
     """Samples, every `interval` s in a thread, the CPU seconds of this process's descendants
     (a local Ray instance: raylet, GCS, Ray's actors, the training workers), so that a
     benchmark can say who used the CPUs in a window it learns afterwards (e.g. between two
     checkpoints). Processes are named by their process name (`ray::TrainController`, ...)."""
 
     def __init__(self, interval: float = 0.5) -> None:
-        self.interval = interval
-        self.root = os.getpid()
+        super().__init__(interval)
         self.samples: list[tuple[float, dict[tuple[int, float], tuple[str, float]]]] = []
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
-    def _sample(self) -> None:
+    def _sample(self, initial: bool = False) -> None:
         seen: dict[tuple[int, float], tuple[str, float]] = {}
         for pid in _ours(self.root) - {self.root}:
             try:
@@ -195,21 +202,6 @@ class CpuTimeline:
             except psutil.Error:
                 continue
         self.samples.append((time.time(), seen))
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
-            self._sample()
-
-    def __enter__(self) -> CpuTimeline:
-        self._sample()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
 
     def used(self, start: float, stop: float) -> tuple[float, dict[str, float]]:
         """(seconds between the samples nearest `start` and `stop`, {process name: CPU seconds

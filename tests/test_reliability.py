@@ -655,6 +655,14 @@ def gone(pid: int) -> bool:
         return True
 
 
+def wait_gone(pid: int, timeout: float) -> bool:
+    """Wait up to `timeout` s for the process to exit; whether it did."""
+    deadline = time.monotonic() + timeout
+    while not gone(pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return gone(pid)
+
+
 def mlflow_client(root: Path):
     from mlflow import MlflowClient
 
@@ -720,10 +728,7 @@ def test_an_orphaned_stage_stuck_on_its_way_out_exits_hard(tmp_path, how):
     )
     pid = int(subprocess.run(["sh", "-c", script], env=env, capture_output=True, text=True,
                              check=True).stdout)  # fmt: skip
-    deadline = time.monotonic() + 60
-    while not gone(pid) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    if not gone(pid):
+    if not wait_gone(pid, 60):
         os.kill(pid, signal.SIGKILL)
         pytest.fail(f"the orphaned stage went on: {log.read_text()}")
     out = log.read_text()
@@ -758,10 +763,7 @@ os._exit(0)
     log.write_text("")
     pid = int(subprocess.run([sys.executable, "-c", launcher, stage], env=env,
                              capture_output=True, text=True, check=True, timeout=60).stdout)  # fmt: skip
-    deadline = time.monotonic() + 30
-    while not gone(pid) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    if not gone(pid):
+    if not wait_gone(pid, 30):
         os.kill(pid, signal.SIGKILL)
         pytest.fail(f"the stage outlived dvc behind its shell: {log.read_text()}")
     assert "KeyboardInterrupt" in log.read_text() and "stopping hard" not in log.read_text()
@@ -839,11 +841,9 @@ def test_interrupted_dvc_repro_resumes_at_the_next_epoch(dvc_project, tmp_path):
         assert train_pid is not None
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
-        deadline = time.monotonic() + 180
-        while not gone(train_pid) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert gone(train_pid), "the orphaned train stage went on after dvc was killed\n" + (
-            stage_report(train_pid, log1)
+        assert wait_gone(train_pid, 180), (
+            "the orphaned train stage went on after dvc was killed\n"
+            + (stage_report(train_pid, log1))
         )
     finally:
         with contextlib.suppress(ProcessLookupError):  # the group outlives dvc: the stage
@@ -868,10 +868,7 @@ def test_interrupted_dvc_repro_resumes_at_the_next_epoch(dvc_project, tmp_path):
         proc.wait(timeout=180)
         # /bin/sh as dash dies of the SIGINT at once, and dvc returns while its stage still
         # cleans up (a next stage of the run waits for it: RunFolder.claim)
-        deadline = time.monotonic() + 120
-        while not gone(train_pid) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert gone(train_pid), stage_report(train_pid, log2)
+        assert wait_gone(train_pid, 120), stage_report(train_pid, log2)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
