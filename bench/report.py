@@ -103,7 +103,11 @@ def item_ray(r: dict[str, Any] | None) -> tuple[list[list[str]], str]:
             f"both run the same training pass code on 2 threads. During ray1's epochs Ray's own "
             f"processes used {s['ray1']['ray_share']:.1%} of the CPUs (largest: {top}) against "
             f"{s['plain']['ray_share']:.1%} beside the plain loop (the same instance, idle); the "
-            f"worker used {s['ray1']['worker_share']:.1%}"
+            f"worker used {s['ray1']['worker_share']:.1%}. That CPU explains about 2-3 points of "
+            "the gap; the rest is the worker's training pass itself running slower per CPU "
+            "second than the same code in the driver, for reasons not pinned down (tried without "
+            "gain: Ray's helpers at nice 19, RAY_worker_niceness=0 instead of Ray's 15, Ray "
+            "Train's metrics off and a 2 s health check)"
         )
     for (a, b), reason in why.items():
         if a in s and b in s:
