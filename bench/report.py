@@ -103,8 +103,10 @@ def item_ray(r: dict[str, Any] | None) -> tuple[list[list[str]], str]:
             f"both run the same training pass code on 2 threads. During ray1's epochs Ray's own "
             f"processes used {s['ray1']['ray_share']:.1%} of the CPUs (largest: {top}) against "
             f"{s['plain']['ray_share']:.1%} beside the plain loop (the same instance, idle); the "
-            f"worker used {s['ray1']['worker_share']:.1%}. That CPU explains about 2-3 points of "
-            "the gap; the rest is the worker's training pass itself running slower per CPU "
+            f"worker used {s['ray1']['worker_share']:.1%}. That extra CPU accounts for about "
+            f"{(s['ray1']['ray_share'] - s['plain']['ray_share']) * 100:.1f} points of the "
+            f"{(1 - s['ray1']['loop_ips'] / s['plain']['loop_ips']) * 100:.1f}-point gap in "
+            "training pass speed; the rest is the worker's training pass itself running slower per CPU "
             "second than the same code in the driver, for reasons not pinned down (tried without "
             "gain: Ray's helpers at nice 19, RAY_worker_niceness=0 instead of Ray's 15, Ray "
             "Train's metrics off and a 2 s health check)"
@@ -193,7 +195,7 @@ PIPELINE_SEARCH = [
     ("same as the config, without Erasing", "0.9295", "1,482", "340"),
     ("C, aug+erase x1 copy, 6 epochs", "0.9250", "2,117", "338"),
     ("the config with fresh views each epoch: 4 augmented copies, train.copies_per_epoch 1 "
-     "(run beside other work: its time is not comparable)", "0.9300", "1,500", "-"),
+     "(run beside other work: its speed is not comparable)", "0.9300", "-", "-"),
 ]  # fmt: skip
 
 

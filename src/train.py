@@ -104,6 +104,7 @@ class LoopSpec:
 
     model: asdict(CNNConfig); train: TrainParams.model_dump(); mean/std: per channel, 0-1 scale;
     num_originals: un-augmented training images (rows 0..N0-1; row r comes from r % N0).
+    copies: augmented copies of each original (preprocess.augment_copies): row r is copy r // N0.
     """
 
     model: dict[str, Any]
@@ -112,6 +113,7 @@ class LoopSpec:
     mean: list[float]
     std: list[float]
     num_originals: int
+    copies: int
 
 
 def loop_spec(params: Params, meta: dict[str, Any]) -> LoopSpec:
@@ -132,6 +134,7 @@ def loop_spec(params: Params, meta: dict[str, Any]) -> LoopSpec:
         mean=[float(v) for v in meta["mean"]],
         std=[float(v) for v in meta["std"]],
         num_originals=int(meta["num_originals"]),
+        copies=int(meta["augment_copies"]),
     )
 
 
@@ -181,21 +184,16 @@ def epoch_batches(
     return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
 
 
-def epoch_rows(train_rows: np.ndarray, epoch: int, spec: LoopSpec, copies: int) -> np.ndarray:
+def epoch_rows(train_rows: np.ndarray, epoch: int, spec: LoopSpec) -> np.ndarray:
     """The rows `epoch` trains on: all of `train_rows` or, with train.copies_per_epoch k, each
-    original and k of its `copies` augmented copies, taken in turn (epoch 1 copies 1..k,
-    epoch 2 the next k, wrapping round), so every epoch is the same size and sees fresh views."""
+    original and k of its augmented copies, taken in turn (epoch 1 copies 1..k, epoch 2 the
+    next k, wrapping round), so every epoch is the same size and sees fresh views."""
     k = spec.train.get("copies_per_epoch")
-    if k is None or k >= copies:
+    if k is None or k >= spec.copies:
         return train_rows
     copy = train_rows // spec.num_originals  # 0: the original itself
-    turn = (copy - 1 - (epoch - 1) * k) % copies
+    turn = (copy - 1 - (epoch - 1) * k) % spec.copies
     return train_rows[(copy == 0) | (turn < k)]
-
-
-def augmented_copies(spec: LoopSpec, labels: np.ndarray) -> int:
-    """How many augmented copies of each original the training rows hold."""
-    return len(labels) // spec.num_originals - 1
 
 
 def training_split(spec: LoopSpec, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -203,13 +201,13 @@ def training_split(spec: LoopSpec, labels: np.ndarray) -> tuple[np.ndarray, np.n
     and no more copies per epoch than preprocess made."""
     t = spec.train
     train_rows, val_rows = split_indices(labels, spec.num_originals, t["val_fraction"], spec.seed)
-    copies, k = augmented_copies(spec, labels), t.get("copies_per_epoch")
-    if k is not None and k > copies:
+    k = t.get("copies_per_epoch")
+    if k is not None and k > spec.copies:
         raise PipelineError(
-            f"train.copies_per_epoch {k} is more than the {copies} augmented copies of each "
+            f"train.copies_per_epoch {k} is more than the {spec.copies} augmented copies of each "
             f"image in the processed data (preprocess.augment_copies)"
         )
-    per_epoch = len(epoch_rows(train_rows, 1, spec, copies))
+    per_epoch = len(epoch_rows(train_rows, 1, spec))
     if per_epoch < t["batch_size"]:
         raise PipelineError(
             f"train.batch_size {t['batch_size']} is larger than the training split "
@@ -416,7 +414,6 @@ class Loop:
     val_rows: np.ndarray
     batch_size: int  # per worker
     autocast: Callable[[], contextlib.AbstractContextManager]
-    copies: int  # augmented copies of each original in the training rows
 
     def state(self, history: list[dict[str, Any]]) -> dict[str, Any]:
         """The checkpoint: weights, optimizer, schedule and the history so far (plain types and
@@ -448,8 +445,7 @@ def make_loop(
     autocast = autocast_for(t["precision"], device)
     train_rows, val_rows = training_split(spec, labels)
     batch = t["batch_size"] // comm.world_size
-    copies = augmented_copies(spec, labels)
-    steps = len(epoch_rows(train_rows, 1, spec, copies)) // t["batch_size"]
+    steps = len(epoch_rows(train_rows, 1, spec)) // t["batch_size"]
     torch.manual_seed(spec.seed)
     net = CNN(CNNConfig(**spec.model))
     if state is not None:
@@ -467,9 +463,8 @@ def make_loop(
             scaler.load_state_dict(state["scaler"])
     data = DeviceData(images, labels, spec.mean, spec.std, device, t["channels_last"])
     return Loop(
-        spec, net, model, optimizer, scheduler, scaler, data, train_rows, val_rows, batch,
-        autocast, copies,
-    )  # fmt: skip
+        spec, net, model, optimizer, scheduler, scaler, data, train_rows, val_rows, batch, autocast
+    )
 
 
 EpochHook = Callable[[dict[str, Any], Loop, list[dict[str, Any]]], None]
@@ -494,7 +489,7 @@ def run_epochs(
     history = list(history or [])
     for epoch in range(len(history) + 1, t["epochs"] + 1):
         seed_epoch(spec.seed, epoch, comm.rank)
-        rows = epoch_rows(loop.train_rows, epoch, spec, loop.copies)
+        rows = epoch_rows(loop.train_rows, epoch, spec)
         batches = epoch_batches(rows, epoch, spec.seed, comm.rank, comm.world_size, loop.batch_size)
         lr = loop.optimizer.param_groups[0]["lr"]
         hook = None if on_step is None else functools.partial(on_step, epoch, steps=len(batches))

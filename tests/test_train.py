@@ -159,23 +159,23 @@ def test_copies_per_epoch_takes_each_originals_copies_in_turn():
     the copies taken in turn, so 4 copies at k=1 give 4 epochs 4 different views."""
     labels = np.tile(np.repeat(np.arange(5), 4), 5)  # 20 originals, 4 augmented copies
     spec = LoopSpec({}, {"val_fraction": 0.25, "batch_size": 8, "copies_per_epoch": 1}, 0,
-                    [0.0], [1.0], num_originals=20)  # fmt: skip
+                    [0.0], [1.0], num_originals=20, copies=4)  # fmt: skip
     train_rows, val_rows = training_split(spec, labels)
     kept = set(train_rows[train_rows < 20].tolist())
     seen = []
     for epoch in range(1, 6):
-        rows = epoch_rows(train_rows, epoch, spec, copies=4)
+        rows = epoch_rows(train_rows, epoch, spec)
         copies = rows // 20
         assert set(rows[copies == 0].tolist()) == kept  # every original, every epoch
         assert len(rows) == 2 * len(kept) and len(set(copies[copies > 0].tolist())) == 1
         assert set((rows[copies > 0] % 20).tolist()) == kept  # one copy of each
         seen.append(int(copies[copies > 0][0]))
     assert seen == [1, 2, 3, 4, 1]
-    both = LoopSpec({}, {**spec.train, "copies_per_epoch": 2}, 0, [0.0], [1.0], 20)
-    assert sorted(set((epoch_rows(train_rows, 2, both, 4) // 20).tolist())) == [0, 3, 4]
-    every = LoopSpec({}, {**spec.train, "copies_per_epoch": None}, 0, [0.0], [1.0], 20)
-    assert np.array_equal(epoch_rows(train_rows, 3, every, 4), train_rows)
-    too_many = LoopSpec({}, {**spec.train, "copies_per_epoch": 5}, 0, [0.0], [1.0], 20)
+    both = LoopSpec({}, {**spec.train, "copies_per_epoch": 2}, 0, [0.0], [1.0], 20, 4)
+    assert sorted(set((epoch_rows(train_rows, 2, both) // 20).tolist())) == [0, 3, 4]
+    every = LoopSpec({}, {**spec.train, "copies_per_epoch": None}, 0, [0.0], [1.0], 20, 4)
+    assert np.array_equal(epoch_rows(train_rows, 3, every), train_rows)
+    too_many = LoopSpec({}, {**spec.train, "copies_per_epoch": 5}, 0, [0.0], [1.0], 20, 4)
     with pytest.raises(PipelineError, match=r"train.copies_per_epoch 5 is more than the 4 "):
         training_split(too_many, labels)
 
