@@ -181,37 +181,62 @@ class Noise(_Sampler):
         return self.foreign_seconds() / (wall * cpus())
 
 
+def preemptions(pid: int) -> int:
+    """Involuntary context switches of all the threads of process `pid` (Linux; else 0).
+    psutil's num_ctx_switches counts the main thread only."""
+    total = 0
+    for status in Path(f"/proc/{pid}/task").glob("*/status"):
+        try:
+            for line in status.read_text().splitlines():
+                if line.startswith("nonvoluntary_ctxt_switches:"):
+                    total += int(line.split()[1])
+        except OSError:  # the thread ended
+            continue
+    return total
+
+
 class CpuTimeline(_Sampler):
-    """Samples, every `interval` s in a thread, the CPU seconds of this process's descendants
-    (a local Ray instance: raylet, GCS, Ray's actors, the training workers), so that a
-    benchmark can say who used the CPUs in a window it learns afterwards (e.g. between two
-    checkpoints). Processes are named by their process name (`ray::TrainController`, ...)."""
+    """Samples, every `interval` s in a thread, the CPU seconds and involuntary context switches
+    (preemptions) of this process and its descendants (a local Ray instance: raylet, GCS, Ray's
+    actors, the training workers), so that a benchmark can say who used the CPUs in a window it
+    learns afterwards (e.g. between two checkpoints). Processes are named by their process name
+    (`ray::TrainController`, ...); this process is `DRIVER`."""
+
+    DRIVER = "driver"
 
     def __init__(self, interval: float = 0.5) -> None:
         super().__init__(interval)
-        self.samples: list[tuple[float, dict[tuple[int, float], tuple[str, float]]]] = []
+        self.samples: list[tuple[float, dict[tuple[int, float], tuple[str, float, int]]]] = []
 
     def _sample(self, initial: bool = False) -> None:
-        seen: dict[tuple[int, float], tuple[str, float]] = {}
-        for pid in _ours(self.root) - {self.root}:
+        seen: dict[tuple[int, float], tuple[str, float, int]] = {}
+        for pid in _ours(self.root):
             try:
                 p = psutil.Process(pid)
                 with p.oneshot():
                     t = p.cpu_times()
-                    seen[(pid, p.create_time())] = (p.name(), t.user + t.system)
+                    name = self.DRIVER if pid == self.root else p.name()
+                    switches = preemptions(pid)
+                    seen[(pid, p.create_time())] = (name, t.user + t.system, switches)
             except psutil.Error:
                 continue
         self.samples.append((time.time(), seen))
 
-    def used(self, start: float, stop: float) -> tuple[float, dict[str, float]]:
+    def used(self, start: float, stop: float, what: int = 1) -> tuple[float, dict[str, float]]:
         """(seconds between the samples nearest `start` and `stop`, {process name: CPU seconds
-        its processes used in between}); a process born in between counts from zero."""
+        its processes used in between}; `what=2`: their involuntary context switches instead);
+        a process born in between counts from zero."""
         (t0, a), (t1, b) = (min(self.samples, key=lambda s: abs(s[0] - t)) for t in (start, stop))
         by_name: dict[str, float] = {}
-        for key, (name, cpu) in b.items():
-            before = a[key][1] if key in a else 0.0
-            by_name[name] = by_name.get(name, 0.0) + max(cpu - before, 0.0)
+        for key, row in b.items():
+            before = a[key][what] if key in a else 0.0
+            by_name[row[0]] = by_name.get(row[0], 0.0) + max(row[what] - before, 0.0)
         return t1 - t0, by_name
+
+    def count(self, when: float, name: str) -> int:
+        """How many processes whose name contains `name` the sample nearest `when` saw."""
+        _, seen = min(self.samples, key=lambda s: abs(s[0] - when))
+        return sum(name in row[0] for row in seen.values())
 
 
 def wait_quiet(limit: float = 0.1, patience: float = 120.0, probe: float = 3.0) -> float:
@@ -299,9 +324,12 @@ def stage_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def make_project(dest: Path, params: dict[str, Any]) -> Path:
+def make_project(
+    dest: Path, params: dict[str, Any], *, dvc: bool = True, env: dict[str, str] | None = None
+) -> Path:
     """A fresh copy of the project in `dest` (its own git + DVC repo, empty caches and stores)
-    with `params` as its params.yaml: what a user has after `make install`."""
+    with `params` as its params.yaml: what a user has after `make install`. `dvc=False`: the
+    files only; `env`: the environment git and dvc run with (default `stage_env()`)."""
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
@@ -313,11 +341,13 @@ def make_project(dest: Path, params: dict[str, Any]) -> Path:
             shutil.copy2(src, dest / name)
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     shutil.copy2(REPO / ".gitignore", dest / ".gitignore")
-    env = stage_env()
-    quiet = {"check": True, "env": env, "cwd": dest, "capture_output": True}
+    if not dvc:
+        return dest
+    quiet = {"check": True, "env": env or stage_env(), "cwd": dest, "capture_output": True}
     subprocess.run(["git", "init", "-q"], **quiet)
     subprocess.run(["dvc", "init", "-q"], **quiet)
     subprocess.run(["dvc", "config", "core.analytics", "false"], **quiet)
+    # DVCLive and DVC experiments need a commit to compare against
     subprocess.run(["git", "add", "-A"], **quiet)
     subprocess.run(
         ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost", "commit", "-qm", "p"],

@@ -70,18 +70,28 @@ def _rates(history: list[dict[str, Any]], ends: list[float], wall: float) -> dic
     }
 
 
-def ray_cpu(timeline: CpuTimeline, ends: list[float]) -> dict[str, Any]:
-    """Who used the CPUs between the first and the last epoch end: the training workers and
-    Ray's own processes (raylet, GCS, the Train controller and its helper actors, idle
-    workers), each as a share of the machine's CPUs."""
+def ray_cpu(timeline: CpuTimeline, ends: list[float], trainer: str) -> dict[str, Any]:
+    """Who used the CPUs between the first and the last epoch end: the `trainer` processes
+    (the RayTrainWorkers, or the driver for the plain loop) and Ray's own processes (raylet,
+    GCS, the Train controller and its helper actors, idle workers), each as a share of the
+    machine's CPUs; and how often per second a trainer process was preempted (involuntary
+    context switches, summed over its threads; per process)."""
     wall, used = timeline.used(ends[0], ends[-1])
-    total = max(wall, 1e-9) * cpus()
-    workers = sum(v for k, v in used.items() if "RayTrainWorker" in k)
-    helpers = {k: v / total for k, v in used.items() if "RayTrainWorker" not in k and v > 0}
+    _, switches = timeline.used(ends[0], ends[-1], what=2)
+    wall = max(wall, 1e-9)
+    total = wall * cpus()
+    workers = sum(v for k, v in used.items() if trainer in k)
+    helpers = {
+        k: v / total
+        for k, v in used.items()
+        if trainer not in k and k != CpuTimeline.DRIVER and v > 0
+    }
+    n = max(1, timeline.count(ends[-1], trainer))
     return {
         "worker_share": workers / total,
         "ray_share": sum(helpers.values()),
         "ray_processes": dict(sorted(helpers.items(), key=lambda kv: -kv[1])),
+        "preemptions_per_s": sum(v for k, v in switches.items() if trainer in k) / n / wall,
     }
 
 
@@ -94,7 +104,10 @@ def run_plain(params: Params, data: Processed) -> dict[str, Any]:
     start = time.time()
     with CpuTimeline() as timeline:
         history = run_local(params, data, on_epoch=lambda *a: ends.append(time.time()))
-    return {**_rates(history, ends, time.time() - start), **ray_cpu(timeline, ends)}
+    return {
+        **_rates(history, ends, time.time() - start),
+        **ray_cpu(timeline, ends, CpuTimeline.DRIVER),
+    }
 
 
 def checkpoint_times(storage: Path) -> list[float]:
@@ -115,7 +128,7 @@ def run_on_ray(params: Params, data: Processed, scratch: Path) -> dict[str, Any]
     ends = checkpoint_times(storage)
     if len(ends) != len(history):
         raise RuntimeError(f"expected {len(history)} checkpoints in {storage}, found {len(ends)}")
-    return {**_rates(history, ends, wall), **ray_cpu(timeline, ends)}
+    return {**_rates(history, ends, wall), **ray_cpu(timeline, ends, "RayTrainWorker")}
 
 
 def measure(
@@ -157,7 +170,7 @@ def measure(
         summary[name] = {
             key: median(alt.values(name, key))
             for key in ("epoch_ips", "loop_ips", "epoch_s", "train_pass_s", "fixed_s", "wall_s",
-                        "worker_share", "ray_share")
+                        "worker_share", "ray_share", "preemptions_per_s")
         }  # fmt: skip
         procs = alt.values(name, "ray_processes")
         names = {k for p in procs for k in p}

@@ -98,19 +98,40 @@ def item_ray(r: dict[str, Any] | None) -> tuple[list[list[str]], str]:
         "the same batch over 2 threads with no exchange",
     }
     if "ray_share" in s.get("ray1", {}) and "ray_share" in s.get("plain", {}):
-        top = ", ".join(f"{k} {v:.1%}" for k, v in list(s["ray1"]["ray_processes"].items())[:5])
-        why[("ray1", "plain")] = (
+        ray1, plain = s["ray1"], s["plain"]
+        top = ", ".join(f"{k} {v:.1%}" for k, v in list(ray1["ray_processes"].items())[:5])
+        gap = (1 - ray1["loop_ips"] / plain["loop_ips"]) * 100
+        extra = (ray1["ray_share"] - plain["ray_share"]) * 100
+        text = (
             f"both run the same training pass code on 2 threads. During ray1's epochs Ray's own "
-            f"processes used {s['ray1']['ray_share']:.1%} of the CPUs (largest: {top}) against "
-            f"{s['plain']['ray_share']:.1%} beside the plain loop (the same instance, idle); the "
-            f"worker used {s['ray1']['worker_share']:.1%}. That extra CPU accounts for about "
-            f"{(s['ray1']['ray_share'] - s['plain']['ray_share']) * 100:.1f} points of the "
-            f"{(1 - s['ray1']['loop_ips'] / s['plain']['loop_ips']) * 100:.1f}-point gap in "
-            "training pass speed; the rest is the worker's training pass itself running slower per CPU "
-            "second than the same code in the driver, for reasons not pinned down (tried without "
-            "gain: Ray's helpers at nice 19, RAY_worker_niceness=0 instead of Ray's 15, Ray "
-            "Train's metrics off and a 2 s health check)"
+            f"processes used {ray1['ray_share']:.1%} of the CPUs (largest: {top}) against "
+            f"{plain['ray_share']:.1%} beside the plain loop (the same instance, idle); the "
+            f"worker used {ray1['worker_share']:.1%}"
         )
+        if "preemptions_per_s" in ray1 and "preemptions_per_s" in plain:
+            text += (
+                f". The worker process was preempted {ray1['preemptions_per_s']:,.0f} times a "
+                f"second (all its threads) against {plain['preemptions_per_s']:,.0f} for the "
+                "plain loop's: every Ray "
+                "process wakes about 100 times a second (its core worker's 10 ms signal check), "
+                "and a preempted thread holds up its partner at the next barrier of each op"
+            )
+        if gap > extra + 1:
+            text += (
+                f". That extra CPU accounts for about {extra:.1f} points of the {gap:.1f}-point "
+                "gap in training pass speed; the rest is the worker's training pass itself "
+                "running slower per CPU second than the same code in the driver (tried without "
+                "gain: Ray's helpers at nice 19 or SCHED_IDLE, RAY_worker_niceness=0 instead of "
+                "Ray's 15, Ray Train's metrics off and a 2 s health check, glibc malloc keeping "
+                "freed buffers: a third of the page faults, no speed-up)"
+            )
+        else:
+            text += (
+                f". The worker's training pass ran at {1 - gap / 100:.3f} of the plain loop's "
+                f"speed: within the extra CPU Ray's processes took ({extra:.1f} points) and this "
+                "machine's run-to-run noise"
+            )
+        why[("ray1", "plain")] = text
     for (a, b), reason in why.items():
         if a in s and b in s:
             x, y = s[a], s[b]

@@ -43,9 +43,6 @@ def fashion_dir() -> Path:
     return FASHION
 
 
-PROJECT_FILES = ("params.yaml", "dvc.yaml", "pyproject.toml", "src", "pipeline")
-
-
 def deep_update(base: dict, overrides: dict) -> dict:
     """Merge `overrides` into `base` section by section (in place) and return it."""
     for key, value in overrides.items():
@@ -61,41 +58,11 @@ def make_project(dest: Path, overrides: dict | None = None, *, dvc: bool = True)
 
     Stages run there write their data, models and MLflow store inside `dest`, never in the repo.
     """
-    import shutil
-    import subprocess
+    from bench.common import make_project as fresh_project
 
-    dest.mkdir(parents=True, exist_ok=True)
-    for name in PROJECT_FILES:
-        src = REPO / name
-        if src.is_dir():
-            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, dest / name)
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     deep_update(params, overrides or {})
-    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    if dvc:
-        env = project_env()
-        subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
-        subprocess.run(["dvc", "init", "-q"], cwd=dest, check=True, env=env)
-        subprocess.run(["dvc", "config", "core.analytics", "false"], cwd=dest, check=True, env=env)
-        # DVCLive and DVC experiments need a commit to compare against
-        subprocess.run(["git", "add", "-A"], cwd=dest, check=True)
-        subprocess.run(
-            [
-                "git",
-                "-c",
-                "user.name=test",
-                "-c",
-                "user.email=test@localhost",
-                "commit",
-                "-qm",
-                "project",
-            ],
-            cwd=dest,
-            check=True,
-        )
-    return dest
+    return fresh_project(dest, params, dvc=dvc, env=project_env())
 
 
 def project_env(**extra: str) -> dict:
