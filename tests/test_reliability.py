@@ -587,13 +587,10 @@ METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr")
 
 @pytest.fixture(scope="module")
 def dvc_project(tmp_path_factory) -> Path:
-    """A scratch git + DVC project (TINY params, 3 epochs, 2 workers) with the repo's .gitignore."""
+    """A scratch git + DVC project (TINY params, 3 epochs, 2 workers) with the repo's .gitignore
+    (make_project commits it)."""
     overrides = deep_update(copy.deepcopy(TINY), {"train": {"epochs": EPOCHS, "max_failures": 1}})
     root = make_project(tmp_path_factory.mktemp("rel-dvc") / "p", overrides)
-    (root / ".gitignore").write_text((REPO / ".gitignore").read_text())
-    git = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost"]
-    subprocess.run([*git, "add", ".gitignore"], cwd=root, check=True)
-    subprocess.run([*git, "commit", "-qm", "ignore"], cwd=root, check=True)
     return root
 
 
