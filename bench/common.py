@@ -222,16 +222,18 @@ class CpuTimeline(_Sampler):
                 continue
         self.samples.append((time.time(), seen))
 
-    def used(self, start: float, stop: float, what: int = 1) -> tuple[float, dict[str, float]]:
+    def used(self, start: float, stop: float) -> tuple[float, dict[str, float], dict[str, float]]:
         """(seconds between the samples nearest `start` and `stop`, {process name: CPU seconds
-        its processes used in between}; `what=2`: their involuntary context switches instead);
-        a process born in between counts from zero."""
+        its processes used in between}, {process name: their involuntary context switches in
+        between}); a process born in between counts from zero."""
         (t0, a), (t1, b) = (min(self.samples, key=lambda s: abs(s[0] - t)) for t in (start, stop))
-        by_name: dict[str, float] = {}
-        for key, row in b.items():
-            before = a[key][what] if key in a else 0.0
-            by_name[row[0]] = by_name.get(row[0], 0.0) + max(row[what] - before, 0.0)
-        return t1 - t0, by_name
+        cpu: dict[str, float] = {}
+        switches: dict[str, float] = {}
+        for key, (name, seconds, count) in b.items():
+            c0, s0 = a[key][1:] if key in a else (0.0, 0)
+            cpu[name] = cpu.get(name, 0.0) + max(seconds - c0, 0.0)
+            switches[name] = switches.get(name, 0.0) + max(count - s0, 0)
+        return t1 - t0, cpu, switches
 
     def count(self, when: float, name: str) -> int:
         """How many processes whose name contains `name` the sample nearest `when` saw."""

@@ -76,8 +76,7 @@ def ray_cpu(timeline: CpuTimeline, ends: list[float], trainer: str) -> dict[str,
     GCS, the Train controller and its helper actors, idle workers), each as a share of the
     machine's CPUs; and how often per second a trainer process was preempted (involuntary
     context switches, summed over its threads; per process)."""
-    wall, used = timeline.used(ends[0], ends[-1])
-    _, switches = timeline.used(ends[0], ends[-1], what=2)
+    wall, used, switches = timeline.used(ends[0], ends[-1])
     wall = max(wall, 1e-9)
     total = wall * cpus()
     workers = sum(v for k, v in used.items() if trainer in k)
