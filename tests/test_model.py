@@ -120,6 +120,8 @@ def _repo_layers():
         (spec_for("avg", 1, "valid", 2, 1), 12),
         ([{"pool": "max", "size": 3, "stride": 2, "padding": 1}, {"conv": 3, "kernel": 1}], 7),
         ([{"fc": 5}, {"fc": 4, "batch_norm": True}], 6),
+        ([{"conv": 4, "kernel": 3, "padding": "same", "batch_norm": True, "pool": "max"},
+          {"conv": 3, "kernel": 2, "pool": "sum", "pool_size": 3}, {"fc": 5}], 13),
     ],
 )
 def test_shape_table_matches_real_tensors(layers, image_size):
@@ -144,6 +146,28 @@ def test_shape_table_matches_real_tensors(layers, image_size):
     assert sum(r.params for r in rows) == sum(p.numel() for p in model.parameters())
 
 
+@pytest.mark.parametrize("pool", list(POOLS))
+def test_conv_pool_runs_before_norm_and_activation(pool):
+    cfg = make_cfg(
+        [{"conv": 4, "kernel": 3, "padding": 1, "batch_norm": True, "pool": pool, "pool_size": 3}],
+        image_size=9,
+    )
+    block = CNN(cfg).features[0]
+    assert [type(m) for m in block] == [nn.Conv2d, POOLS[pool], nn.BatchNorm2d, nn.ReLU]
+    assert (block[1].kernel_size, block[1].stride) == (3, 3)
+    assert shape_table(cfg)[1].out == (3, 3, 4)
+    assert shape_table(cfg)[1].desc == f"conv 3x3/1 pad 1, {pool} pool 3x3/3, bn, relu"
+
+
+def test_conv_max_pool_without_norm_equals_a_pool_layer_after_relu():
+    # max pooling commutes with a non-decreasing activation: the same network either way
+    own = CNN(make_cfg([{"conv": 4, "kernel": 3, "pool": "max"}, {"fc": 3}]))
+    separate = CNN(make_cfg([{"conv": 4, "kernel": 3}, {"pool": "max", "size": 2}, {"fc": 3}]))
+    separate.load_state_dict(own.state_dict())
+    x = torch.randn(5, 2, 11, 11)
+    torch.testing.assert_close(own.eval()(x), separate.eval()(x))
+
+
 def test_same_padding_keeps_the_size():
     rows = shape_table(make_cfg([{"conv": 3, "kernel": k, "padding": "same"} for k in (1, 3, 5)]))
     assert [r.out[:2] for r in rows[1:-1]] == [(11, 11)] * 3
@@ -162,6 +186,11 @@ def test_collapse_names_layer_and_size():
         shape_table(make_cfg([{"conv": 4, "kernel": 1}, {"pool": "sum", "size": 3}], image_size=2))
     assert str(e.value) == (
         "layers[1]: feature map collapses to 0x0 (input 2x2, size 3, stride 3, padding 0)"
+    )
+    with pytest.raises(SpecError) as e:
+        shape_table(make_cfg([{"conv": 4, "kernel": 3, "pool": "max", "pool_size": 12}]))
+    assert str(e.value) == (  # the conv's own pooling, after the convolution's 11 -> 9
+        "layers[0]: feature map collapses to 0x0 (input 9x9, pool_size 12, stride 12, padding 0)"
     )
 
 
@@ -217,8 +246,22 @@ def test_collapse_names_layer_and_size():
         (
             {"layers": [{"conv": 4, "kernel": 3, "foo": 1}]},
             "layers[0]: unknown key 'foo' for a conv layer "
-            "(expected conv, kernel, stride, padding, batch_norm, activation, dropout)",
+            "(expected conv, kernel, stride, padding, pool, pool_size, batch_norm, activation, "
+            "dropout)",
         ),
+        (
+            {"layers": [{"conv": 4, "kernel": 3, "pool": "median"}]},
+            "layers[0].pool: unknown kind 'median' (expected max, avg, sum)",
+        ),
+        (
+            {"layers": [{"conv": 4, "kernel": 3, "pool_size": 2}]},
+            "layers[0].pool_size: given without pool (max, avg or sum)",
+        ),
+        (
+            {"layers": [{"conv": 4, "kernel": 3, "pool": "max", "pool_size": 0}]},
+            "layers[0].pool_size: must be a positive integer (got 0)",
+        ),
+
         (
             {"layers": [{"pool": "max", "size": 2, "batch_norm": True}]},
             "layers[0]: unknown key 'batch_norm' for a pool layer "
