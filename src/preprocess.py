@@ -260,18 +260,33 @@ def _as_nhwc(images: np.ndarray) -> np.ndarray:
     return images[..., None] if images.ndim == 3 else images
 
 
+def _stretch(images: np.ndarray, size: int) -> np.ndarray:
+    """A.Resize(size, size, area_for_downscale="image") over a stack (n, H, W[, C <= 4]): the
+    same cv2 call per image without albumentations' ~40 us of bookkeeping per call."""
+    import cv2
+
+    h, w = images.shape[1:3]
+    interpolation = cv2.INTER_AREA if size < h or size < w else cv2.INTER_LINEAR
+    out = np.empty((len(images), size, size, *images.shape[3:]), np.uint8)
+    for i, image in enumerate(images):
+        out[i] = cv2.resize(image, (size, size), interpolation=interpolation).reshape(out.shape[1:])
+    return out
+
+
 def _resize_pad(images, transform, preprocess: dict[str, Any]) -> np.ndarray:
     """Apply the test-split transform to a sequence of images -> uint8 (n, S, S, C).
 
     A stacked array already at image_size needs no resize (an identity for both modes), so it
-    is padded in one numpy call: the same pixels as the per-image path, ~20x faster.
+    is padded in one numpy call: the same pixels as the per-image path, ~20x faster. A stack of
+    another size in stretch mode is resized by cv2 directly, then padded the same way (5x faster).
     """
     size, pad = int(preprocess["image_size"]), int(preprocess["pad"])
-    if (
-        isinstance(images, np.ndarray)
-        and images.ndim in (3, 4)
-        and images.shape[1:3] == (size, size)
-    ):
+    stack = isinstance(images, np.ndarray) and (
+        images.ndim == 3 or (images.ndim == 4 and images.shape[3] <= 4)
+    )
+    if stack and images.shape[1:3] != (size, size) and preprocess["resize"] == "stretch":
+        images = _stretch(images, size)
+    if stack and images.shape[1:3] == (size, size):
         widths = [(0, 0), (pad, pad), (pad, pad)] + [(0, 0)] * (images.ndim - 3)
         mode = _NUMPY_PAD[preprocess["border_mode"]]
         extra = {"constant_values": preprocess["fill"]} if mode == "constant" else {}

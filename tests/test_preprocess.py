@@ -22,6 +22,7 @@ from src.config import parse_params
 from src.data import load_source
 from src.errors import PipelineError
 from src.preprocess import (
+    _resize_pad,
     build_augment,
     load_processed,
     make_eval_transform,
@@ -347,6 +348,18 @@ def test_batched_pad_equals_albumentations(border_mode, resize, channels):
     transform = make_eval_transform(pre)
     one_by_one = np.stack([transform(image=im)["image"] for im in images]).reshape(batched.shape)
     assert batched.shape == (5, 16, 16, channels)
+    assert np.array_equal(batched, one_by_one)
+
+
+@pytest.mark.parametrize("shape", [(13, 13), (7, 7, 1), (13, 9, 3), (6, 14, 3), (10, 10, 4)])
+def test_batched_stretch_equals_albumentations(shape):
+    """A stack of another size, stretched by cv2 directly: the per-image path's pixels, up
+    (bilinear) and down (area) and mixed."""
+    pre = {"resize": "stretch", "image_size": 10, "pad": 2, "fill": 0, "border_mode": "reflect"}
+    images = np.random.default_rng(0).integers(0, 256, (5, *shape), dtype=np.uint8)
+    batched = _resize_pad(images, make_eval_transform(pre), pre)
+    one_by_one = _resize_pad(list(images), make_eval_transform(pre), pre)
+    assert batched.shape == (5, 14, 14, 1 if len(shape) == 2 else shape[2])
     assert np.array_equal(batched, one_by_one)
 
 
