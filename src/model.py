@@ -12,9 +12,11 @@ through the loop, so the first fc layer's input size is derived, never typed in.
 
 A conv layer may pool its own output: ``{conv: 64, kernel: 3, padding: same, batch_norm: true,
 pool: max}`` is conv -> 2x2 max pool (``pool_size``, stride the same) -> batch norm -> activation.
-Pooling before the norm and activation runs them on a 4x smaller map: about 1.4x faster training
-on a CPU than a separate pool layer after them (the same result for max pooling and a monotone
-activation without batch norm; with it, the norm's statistics are those of the pooled map).
+Pooling before the norm and activation runs them on a 4x smaller map: 1.3-1.5x faster training
+steps on a CPU than a separate pool layer after them (BENCHMARKS.md, item 2: 1.08x through the
+2-worker pipeline, where the workers' synchronisation takes its share). Without batch norm, max
+pooling and a non-decreasing activation give the same network either way; with it, the norm's
+statistics are those of the pooled map.
 
 The size rule for conv and pool layers is ``out = (h + 2p - k) // s + 1`` (the seed's
 ``h - k + 1`` when p = 0 and s = 1). ``padding: same`` means ``p = k // 2`` and is accepted only for

@@ -281,10 +281,13 @@ def _resize_pad(images, transform, preprocess: dict[str, Any]) -> np.ndarray:
     another size in stretch mode is resized by cv2 directly, then padded the same way (5x faster).
     """
     size, pad = int(preprocess["image_size"]), int(preprocess["pad"])
-    stack = isinstance(images, np.ndarray) and (
-        images.ndim == 3 or (images.ndim == 4 and images.shape[3] <= 4)
-    )
-    if stack and images.shape[1:3] != (size, size) and preprocess["resize"] == "stretch":
+    stack = isinstance(images, np.ndarray) and images.ndim in (3, 4)
+    if (
+        stack
+        and images.shape[1:3] != (size, size)
+        and preprocess["resize"] == "stretch"
+        and (images.ndim == 3 or images.shape[3] <= 4)  # cv2.resize's channel limit
+    ):
         images = _stretch(images, size)
     if stack and images.shape[1:3] == (size, size):
         widths = [(0, 0), (pad, pad), (pad, pad)] + [(0, 0)] * (images.ndim - 3)
