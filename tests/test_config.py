@@ -52,7 +52,8 @@ CASES = [
     (
         lambda r: r["model"]["layers"][0].update(kernal=3),
         "params.yaml: model.layers[0]: unknown key 'kernal' for a conv layer "
-        "(expected conv, kernel, stride, padding, batch_norm, activation, dropout)",
+        "(expected conv, kernel, stride, padding, pool, pool_size, batch_norm, activation, "
+        "dropout)",
     ),
     (lambda r: r["model"].update(width=2), "params.yaml: model.width: unknown key"),
     # wrong types
