@@ -13,7 +13,7 @@ through the loop, so the first fc layer's input size is derived, never typed in.
 A conv layer may pool its own output: ``{conv: 64, kernel: 3, padding: same, batch_norm: true,
 pool: max}`` is conv -> 2x2 max pool (``pool_size``, stride the same) -> batch norm -> activation.
 Pooling before the norm and activation runs them on a 4x smaller map: 1.3-1.5x faster training
-steps on a CPU than a separate pool layer after them (BENCHMARKS.md, item 2: 1.08x through the
+steps on a CPU than a separate pool layer after them (BENCHMARKS.md, item 2: 1.1-1.2x through the
 2-worker pipeline, where the workers' synchronisation takes its share). Without batch norm, max
 pooling and a non-decreasing activation give the same network either way; with it, the norm's
 statistics are those of the pooled map.
