@@ -261,7 +261,6 @@ def test_collapse_names_layer_and_size():
             {"layers": [{"conv": 4, "kernel": 3, "pool": "max", "pool_size": 0}]},
             "layers[0].pool_size: must be a positive integer (got 0)",
         ),
-
         (
             {"layers": [{"pool": "max", "size": 2, "batch_norm": True}]},
             "layers[0]: unknown key 'batch_norm' for a pool layer "

@@ -351,7 +351,9 @@ def test_batched_pad_equals_albumentations(border_mode, resize, channels):
     assert np.array_equal(batched, one_by_one)
 
 
-@pytest.mark.parametrize("shape", [(13, 13), (7, 7, 1), (13, 9, 3), (6, 14, 3), (10, 10, 4)])
+@pytest.mark.parametrize(
+    "shape", [(13, 13), (7, 7, 1), (13, 9, 3), (6, 14, 3), (10, 10, 4), (10, 10, 6)]
+)
 def test_batched_stretch_equals_albumentations(shape):
     """A stack of another size, stretched by cv2 directly: the per-image path's pixels, up
     (bilinear) and down (area) and mixed."""
