@@ -87,8 +87,8 @@ def run_item(
         data = fashion_data(OUT / "data" / "fashion-28")
         base = data.train_images[..., 0]
         return preprocess_speed.measure(
-            raw, out / "preprocess", images=2_000 if quick else 40_000,
-            rounds=1 if quick else 3, base=base, noise_limit=noise, log=log,
+            raw, out / "preprocess", images=2_000 if quick else 120_000,
+            rounds=1 if quick else 5, base=base, noise_limit=noise, log=log,
         )  # fmt: skip
     if name == "memory":
         from src.data import load_source
