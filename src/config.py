@@ -107,6 +107,8 @@ class TrainParams(Section):
     channels_last: bool = True
     max_failures: int = Field(1, ge=0)
     keep_checkpoints: int = Field(2, gt=0)
+    # null: every finished run keeps its checkpoints; k: only the k most recently finished do
+    keep_runs: int | None = Field(None, gt=0)
     storage_path: str = "ray_results"
     experiment: str = Field("cnn-pipeline", min_length=1)
 

@@ -84,7 +84,7 @@ LAYER_KEYS = {
     ),
     "pool": ("pool", "size", "stride", "padding"),
     "fc": ("fc", "activation", "batch_norm", "dropout"),
-}
+}  # fmt: skip
 MODEL_KEYS = ("activation", "dropout", "layers")
 
 

@@ -84,7 +84,7 @@ FAULT_ENV = "CNN_TRAIN_FAULT"  # test hook, see _Fault
 EVAL_BATCH = 1024  # validation rows per forward pass: no gradients, so larger than training's
 # Train params that change no number the run computes: left out of the run's identity, so e.g.
 # raising max_failures still resumes the interrupted run.
-NOT_IN_RUN_KEY = ("max_failures", "keep_checkpoints", "storage_path", "experiment")
+NOT_IN_RUN_KEY = ("max_failures", "keep_checkpoints", "keep_runs", "storage_path", "experiment")
 # Never shipped to a remote cluster: environments, data, stores and outputs.
 RUNTIME_EXCLUDES = [
     ".venv/", ".git/", ".dvc/cache/", ".dvc/tmp/", "data/", "models/", "metrics/", "plots/",
@@ -1330,7 +1330,48 @@ def _train_run(
         tracking.end_run(run_id, _end_status(e))
         raise
     folder.write(DONE_FILE, {"run_id": run_id, "epochs": len(history)})
+    if t.keep_runs is not None:
+        removed = prune_runs(storage, t.keep_runs, ray_name)
+        if removed:
+            print(f"train.keep_runs {t.keep_runs}: removed the checkpoints of {len(removed)} "
+                  f"older finished run(s): {', '.join(removed)}", flush=True)  # fmt: skip
     return {**metrics, "run_id": run_id}
+
+
+def prune_runs(storage: str, keep: int, current: str) -> list[str]:
+    """train.keep_runs: delete the run folders in `storage` of finished runs (those with a
+    DONE_FILE) beyond the `keep` most recently finished, `current` always counted among them.
+
+    Runs that did not finish (resumable) and runs a train stage holds are never touched; a
+    finished run's model lives on in its models/model.pt and its MLflow run. Returns the names
+    of the folders deleted, oldest first.
+    """
+    import pyarrow.fs
+
+    fs, base = pyarrow.fs.FileSystem.from_uri(storage)
+    base = base.rstrip("/")
+    try:
+        entries = fs.get_file_info(pyarrow.fs.FileSelector(base, allow_not_found=True))
+        runs = [e.base_name for e in entries if e.type == pyarrow.fs.FileType.Directory]
+        done = fs.get_file_info([f"{base}/{n}/{DONE_FILE}" for n in runs])
+    except OSError as e:
+        print(f"train.keep_runs: could not list {storage} ({e}); nothing removed", flush=True)
+        return []
+    finished = sorted(
+        (info.mtime, name)
+        for name, info in zip(runs, done, strict=True)
+        if name.startswith("train-") and name != current and info.type == pyarrow.fs.FileType.File
+    )
+    removed = []
+    for _, name in finished[: max(len(finished) - (keep - 1), 0)]:
+        folder = RunFolder(storage, name)
+        try:
+            with folder.claim(wait=0):  # held by a stage (re-training it): leave it to that one
+                folder.delete()
+        except PipelineError:
+            continue
+        removed.append(name)
+    return removed
 
 
 def write_outputs(

@@ -120,8 +120,14 @@ def _repo_layers():
         (spec_for("avg", 1, "valid", 2, 1), 12),
         ([{"pool": "max", "size": 3, "stride": 2, "padding": 1}, {"conv": 3, "kernel": 1}], 7),
         ([{"fc": 5}, {"fc": 4, "batch_norm": True}], 6),
-        ([{"conv": 4, "kernel": 3, "padding": "same", "batch_norm": True, "pool": "max"},
-          {"conv": 3, "kernel": 2, "pool": "sum", "pool_size": 3}, {"fc": 5}], 13),
+        (
+            [
+                {"conv": 4, "kernel": 3, "padding": "same", "batch_norm": True, "pool": "max"},
+                {"conv": 3, "kernel": 2, "pool": "sum", "pool_size": 3},
+                {"fc": 5},
+            ],
+            13,
+        ),
     ],
 )
 def test_shape_table_matches_real_tensors(layers, image_size):

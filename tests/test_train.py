@@ -28,6 +28,7 @@ from src.config import load_params, parse_params
 from src.errors import PipelineError
 from src.model import load_checkpoint
 from src.train import (
+    DONE_FILE,
     FAULT_ENV,
     DeviceData,
     LoopSpec,
@@ -35,6 +36,7 @@ from src.train import (
     epoch_batches,
     epoch_rows,
     evaluate,
+    prune_runs,
     run_local,
     split_indices,
     train_stage,
@@ -284,6 +286,29 @@ def test_unreachable_ray_address_fails_fast(base_project, tmp_path, clean_env):
     assert not (root / "mlflow.db").exists()
 
 
+def test_keep_runs_prunes_only_older_finished_runs_nobody_holds(tmp_path):
+    """prune_runs on a storage folder as the stage leaves it: the current run is kept and
+    counts toward k; unfinished (resumable) runs, runs a stage holds and other folders stay."""
+    import fcntl
+
+    storage = tmp_path / "ray_results"
+    finished = {"train-a": 1, "train-held": 2, "train-b": 3, "train-current": 4, "other": 0}
+    for name in [*finished, "train-unfinished"]:
+        (storage / name / "checkpoint_000001").mkdir(parents=True)
+    for name, mtime in finished.items():
+        (storage / name / DONE_FILE).write_text("{}")
+        os.utime(storage / name / DONE_FILE, (mtime, mtime))
+    with open(storage / ".train-held.lock", "a+") as held:  # a train stage holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        removed = prune_runs(str(storage), 2, "train-current")
+    assert removed == ["train-a"]
+    assert sorted(p.name for p in storage.iterdir() if p.is_dir()) == [
+        "other", "train-b", "train-current", "train-held", "train-unfinished"
+    ]  # fmt: skip
+    assert prune_runs(str(storage), 1, "train-current") == ["train-held", "train-b"]
+    assert prune_runs(str(tmp_path / "absent"), 1, "train-current") == []
+
+
 def test_log_epochs_never_logs_a_step_twice(tmp_path):
     import mlflow
 
@@ -408,9 +433,22 @@ def test_killed_worker_is_replaced_and_training_completes(first_run, clean_env, 
     fault = {"rank": 1, "epoch": 2, "at": "mid", "action": "kill", "marker": str(marker)}
     clean_env.setenv(FAULT_ENV, json.dumps(fault))
     clean_env.chdir(root)
-    metrics = train_stage(load_params(root / "params.yaml"), root)
+    # train.keep_runs 1 (not part of the run's identity): once this run finishes, an older
+    # finished run's folder goes, an unfinished one stays
+    storage = root / "ray_results"
+    older, unfinished = storage / "train-older", storage / "train-unfinished"
+    for run in (older, unfinished):
+        (run / "checkpoint_000000").mkdir(parents=True)
+    (older / DONE_FILE).write_text("{}")
+    raw = yaml.safe_load((root / "params.yaml").read_text())
+    raw["train"]["keep_runs"] = 1
+    metrics = train_stage(parse_params(raw), root)
     assert marker.exists()  # the worker really was killed
     runs = store_runs(root)
+    this = next(r for r in runs if r.info.run_id == metrics["run_id"])
+    assert not older.exists() and unfinished.exists()
+    done = [str(p.parent) for p in storage.glob(f"*/{DONE_FILE}")]
+    assert done == [this.data.tags["ray_run"]]
     assert len(runs) == 2 and metrics["run_id"] != first_run["metrics"]["run_id"]
     for key in METRICS:
         assert steps(root, metrics["run_id"], key) == [1, 2, 3], key
