@@ -18,6 +18,11 @@ steps on a CPU than a separate pool layer after them (BENCHMARKS.md, item 2: 1.1
 pooling and a non-decreasing activation give the same network either way; with it, the norm's
 statistics are those of the pooled map.
 
+``tta: flip`` (model section) makes an eval-mode forward average the logits of each image and
+of its mirror image: test-time augmentation, in the model itself, so that the evaluate stage,
+validation during training and the served model give the same predictions. It doubles the cost
+of a prediction and is for data whose classes survive a left-right mirror (clothes, not digits).
+
 The size rule for conv and pool layers is ``out = (h + 2p - k) // s + 1`` (the seed's
 ``h - k + 1`` when p = 0 and s = 1). ``padding: same`` means ``p = k // 2`` and is accepted only for
 an odd kernel with stride 1, the one case where a symmetric padding keeps the size exactly; other
@@ -85,7 +90,10 @@ LAYER_KEYS = {
     "pool": ("pool", "size", "stride", "padding"),
     "fc": ("fc", "activation", "batch_norm", "dropout"),
 }  # fmt: skip
-MODEL_KEYS = ("activation", "dropout", "layers")
+MODEL_KEYS = ("activation", "dropout", "layers", "tta")
+# Test-time augmentation: the views whose logits an eval-mode forward averages (training never does).
+# flip: each image and its left-right mirror image, for data whose meaning survives the mirror.
+TTA = ("none", "flip")
 
 
 def get_act_layer(name: str) -> nn.Module:
@@ -106,6 +114,7 @@ class CNNConfig:
     layers: list[dict[str, Any]] = field(default_factory=list)
     activation: str = "relu"  # default for conv and fc layers that name none
     dropout: float = 0.0  # before the final classifier
+    tta: str = "none"  # eval-mode views averaged (TTA); a checkpoint without it predates it
 
 
 @dataclass(frozen=True)
@@ -264,6 +273,8 @@ def _parse_layers(cfg: CNNConfig) -> list[_Conv | _Pool | _FC]:
         _pos_int(name, getattr(cfg, name))
     default_act = _activation("activation", cfg.activation)
     _rate("dropout", cfg.dropout)
+    if cfg.tta not in TTA:
+        raise SpecError(f"tta: unknown value {cfg.tta!r} (expected {', '.join(TTA)})")
     if not isinstance(cfg.layers, list) or not cfg.layers:
         raise SpecError(f"layers: must be a non-empty list of layer specs (got {cfg.layers!r})")
     specs: list[_Conv | _Pool | _FC] = []
@@ -301,6 +312,7 @@ def build_config(
         else layers,
         activation=model_section.get("activation", "relu"),
         dropout=model_section.get("dropout", 0.0),
+        tta=model_section.get("tta", "none"),
     )
     _parse_layers(cfg)
     return cfg
@@ -434,8 +446,16 @@ class CNN(nn.Module):
         return x if pre_logits else self.classifier(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, C, H, W) float -> logits (N, num_classes)."""
-        return self.forward_head(self.forward_features(x))
+        """(N, C, H, W) float -> logits (N, num_classes).
+
+        In eval mode with cfg.tta "flip", the logits are the mean of those of each image and of
+        its mirror image (one forward pass over both), so evaluation, validation and serving all
+        see the same predictions; training steps never average.
+        """
+        if self.training or self.cfg.tta == "none":
+            return self.forward_head(self.forward_features(x))
+        logits = self.forward_head(self.forward_features(torch.cat([x, x.flip(3)])))
+        return (logits[: len(x)] + logits[len(x) :]) / 2
 
     @torch.no_grad()
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
@@ -464,6 +484,8 @@ def shape_table(cfg: CNNConfig) -> list[LayerRow]:
         head = nn.Linear(h * w * d, cfg.num_classes)
         n = sum(p.numel() for p in head.parameters())
     desc = f"dropout {cfg.dropout:g}, linear" if cfg.dropout else "linear"
+    if cfg.tta != "none":
+        desc += f" (eval: tta {cfg.tta})"
     rows.append(LayerRow(None, "logits", desc, (1, 1, cfg.num_classes), n))
     return rows
 

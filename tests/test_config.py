@@ -126,6 +126,10 @@ CASES = [
         "(conv and pool layers must come first)",
     ),
     (
+        _set("model", "tta", "mirror"),
+        "params.yaml: model.tta: unknown value 'mirror' (expected none, flip)",
+    ),
+    (
         _set("model", "layers", []),
         "params.yaml: model.layers: list should have at least 1 item after validation, not 0 (got [])",
     ),

@@ -174,6 +174,23 @@ def test_conv_max_pool_without_norm_equals_a_pool_layer_after_relu():
     torch.testing.assert_close(own.eval()(x), separate.eval()(x))
 
 
+def test_flip_tta_averages_an_image_and_its_mirror_in_eval_mode_only():
+    layers = spec_for("max", 1, "same", 2, 0) + [{"fc": 6}]
+    tta = CNN(make_cfg(layers, dropout=0.2, tta="flip"))
+    plain = CNN(make_cfg(layers, dropout=0.2))
+    plain.load_state_dict(tta.state_dict())
+    x = torch.randn(5, 2, 11, 11)
+    tta.eval(), plain.eval()
+    torch.testing.assert_close(tta(x), (plain(x) + plain(x.flip(3))) / 2)
+    torch.testing.assert_close(tta(x), tta(x.flip(3)))  # a mirror image gets the same answer
+    torch.testing.assert_close(tta.predict_proba(x).sum(1), torch.ones(5))
+    torch.manual_seed(0)
+    train_out = tta.train()(x)  # training steps never average: same as the plain net
+    torch.manual_seed(0)
+    torch.testing.assert_close(train_out, plain.train()(x))
+    assert shape_table(tta.cfg)[-1].desc == "dropout 0.2, linear (eval: tta flip)"
+
+
 def test_same_padding_keeps_the_size():
     rows = shape_table(make_cfg([{"conv": 3, "kernel": k, "padding": "same"} for k in (1, 3, 5)]))
     assert [r.out[:2] for r in rows[1:-1]] == [(11, 11)] * 3
@@ -295,7 +312,11 @@ def test_collapse_names_layer_and_size():
         ({"layers": []}, "layers: must be a non-empty list of layer specs (got [])"),
         (
             {"layers": [{"fc": 4}], "width": 2},
-            "width: unknown key (expected activation, dropout, layers)",
+            "width: unknown key (expected activation, dropout, layers, tta)",
+        ),
+        (
+            {"layers": [{"fc": 4}], "tta": "rotate"},
+            "tta: unknown value 'rotate' (expected none, flip)",
         ),
     ],
 )
@@ -340,8 +361,9 @@ EXTRA = {
 }
 
 
-def test_checkpoint_round_trip(tmp_path):
-    cfg = make_cfg(spec_for("sum", 1, "same", 2, 0), dropout=0.2)
+@pytest.mark.parametrize("tta", ["none", "flip"])
+def test_checkpoint_round_trip(tmp_path, tta):
+    cfg = make_cfg(spec_for("sum", 1, "same", 2, 0), dropout=0.2, tta=tta)
     model = CNN(cfg)
     model(torch.randn(8, 2, 11, 11))  # train-mode pass: moves the batch-norm running stats
     model = model.to(memory_format=torch.channels_last).eval()
