@@ -104,7 +104,9 @@ class TrainParams(Section):
     # null: every epoch trains on each original and all its augmented copies; k: on each
     # original and k of its copies, taken in turn (fresh views each epoch at the same cost)
     copies_per_epoch: int | None = Field(None, gt=0)
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # auto: bf16 where the worker's device computes it in hardware (GPU, or CPU with AMX /
+    # AVX-512 BF16), else fp32
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"
     channels_last: bool = True
     max_failures: int = Field(1, ge=0)
     keep_checkpoints: int = Field(2, gt=0)

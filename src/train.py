@@ -82,6 +82,7 @@ MLFLOW_RUN_FILE = "mlflow_run.json"  # in the Ray run folder: the MLflow run a r
 DONE_FILE = "stage_done.json"  # in the Ray run folder: the stage finished; a re-run starts anew
 FAULT_ENV = "CNN_TRAIN_FAULT"  # test hook, see _Fault
 EVAL_BATCH = 1024  # validation rows per forward pass: no gradients, so larger than training's
+CPU_BF16_PROBES = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # torch.cpu's
 # Train params that change no number the run computes: left out of the run's identity, so e.g.
 # raising max_failures still resumes the interrupted run.
 NOT_IN_RUN_KEY = ("max_failures", "keep_checkpoints", "keep_runs", "storage_path", "experiment")
@@ -266,10 +267,30 @@ class DeviceData:
 # ---------------------------------------------------------------------------------------------
 
 
+def bf16_native(device: torch.device) -> bool:
+    """Whether `device` computes bf16 in hardware: a CUDA GPU that supports it, or a CPU with AMX
+    or AVX-512 BF16 (oneDNN's bf16 kernels; elsewhere CPU bf16 is emulated and slower than fp32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        cpu = torch.cpu  # these probes are private in torch 2.x: absent means no
+        return any(getattr(cpu, f, lambda: False)() for f in CPU_BF16_PROBES)
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """train.precision as run on `device`: auto is bf16 where `bf16_native`, else fp32. Each worker
+    resolves it on its own device."""
+    if precision != "auto":
+        return precision
+    return "bf16" if bf16_native(device) else "fp32"
+
+
 def autocast_for(
     precision: str, device: torch.device
 ) -> Callable[[], contextlib.AbstractContextManager]:
     """A factory of autocast contexts for train.precision on `device` (fp32: no autocast)."""
+    precision = resolve_precision(precision, device)
     if precision == "fp32":
         return contextlib.nullcontext
     if precision == "fp16" and device.type != "cuda":
@@ -624,6 +645,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         parallel_strategy_kwargs={**no_buffer_sync(), "gradient_as_bucket_view": True},
     )
     loop = make_loop(spec, images, labels, comm, device, state=state, wrap=wrap)
+    if rank == 0:
+        precision = resolve_precision(spec.train["precision"], device)
+        print(f"{world} worker(s) on {device.type}, precision {precision}", flush=True)
     fault = _Fault(**(config.get("fault") or {}))
     track = config.get("tracking")
     if rank == 0 and track and history:  # epochs a previous attempt checkpointed, maybe unlogged

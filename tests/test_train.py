@@ -32,11 +32,13 @@ from src.train import (
     FAULT_ENV,
     DeviceData,
     LoopSpec,
+    autocast_for,
     check_resources,
     epoch_batches,
     epoch_rows,
     evaluate,
     prune_runs,
+    resolve_precision,
     run_local,
     split_indices,
     train_stage,
@@ -206,6 +208,18 @@ def test_plain_loop_is_deterministic(base_project):
     assert [e["epoch"] for e in first] == [1, 2]
     assert numbers(first) == numbers(second)
     assert first[-1]["val_accuracy"] > 0.5  # it learns
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_precision_auto_is_bf16_only_where_the_cpu_computes_it(monkeypatch, native):
+    cpu = torch.device("cpu")
+    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        monkeypatch.setattr(torch.cpu, probe, lambda: native, raising=False)
+    assert resolve_precision("auto", cpu) == ("bf16" if native else "fp32")
+    assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
+    with autocast_for("auto", cpu)():
+        out = torch.nn.Linear(4, 2)(torch.ones(3, 4))
+    assert out.dtype == (torch.bfloat16 if native else torch.float32)
 
 
 def test_device_data_matches_preprocess_normalize(base_project):
