@@ -84,7 +84,7 @@ class ModelParams(Section):
     activation: str = "relu"
     dropout: float = Field(0.0, ge=0, lt=1)
     layers: list[dict[str, Any]] = Field(min_length=1)
-    tta: Literal["none", "flip"] = "none"  # eval-mode views averaged (src/model.py)
+    tta: str = "none"  # eval-mode views averaged; checked by src/model.py, as activation is
 
 
 class TrainParams(Section):

@@ -400,6 +400,17 @@ def test_checkpoint_unwraps_a_wrapper(tmp_path):
     assert loaded.state_dict().keys() == model.state_dict().keys()
 
 
+def test_checkpoint_from_before_tta_loads_without_it(tmp_path):
+    # models registered before model.tta existed store no such key: they predict as they did
+    model = CNN(make_cfg([{"fc": 3}]))
+    save_checkpoint(tmp_path / "m.pt", model, {})
+    raw = torch.load(tmp_path / "m.pt", weights_only=True)
+    del raw["model_config"]["tta"]
+    torch.save(raw, tmp_path / "old.pt")
+    loaded, _ = load_checkpoint(tmp_path / "old.pt")
+    assert loaded.cfg.tta == "none"
+
+
 def test_checkpoint_rejects_non_plain_extra_and_writes_nothing(tmp_path):
     model = CNN(make_cfg([{"fc": 3}]))
     with pytest.raises(TypeError, match=r"^extra\['mean'\]\[0\]: torch.Tensor is not plain python"):
