@@ -241,7 +241,8 @@ BF16_SEARCH = [
      "193"),
     ("same in bf16 autocast, 10 epochs: one fixed augmented copy seen 10 times overfits (train "
      "accuracy 0.985)", "0.9311", "3,993", "284"),
-    ("bf16, 2 epochs, for speed only: 2 workers x batch 128 / x batch 256 / 1 worker x 2 threads",
+    ("bf16, 2 epochs, for speed only: 2 workers with batch 128 each / 256 each / 1 worker x 2 "
+     "threads with batch 256",
      "0.927 / 0.916 / 0.923", "3,744 / 3,949 / 3,935", "66 / 64 / 64"),
     ("bf16, 10 epochs, 5 augmented copies taken in turn (train.copies_per_epoch 1: a fresh view "
      "each epoch), tta", "0.9387 (no tta: 0.9354)", "3,807", "305"),
