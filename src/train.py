@@ -434,6 +434,7 @@ class Loop:
     train_rows: np.ndarray
     val_rows: np.ndarray
     batch_size: int  # per worker
+    precision: str  # train.precision as resolved on this device (auto: bf16 or fp32)
     autocast: Callable[[], contextlib.AbstractContextManager]
 
     def state(self, history: list[dict[str, Any]]) -> dict[str, Any]:
@@ -463,7 +464,8 @@ def make_loop(
     them from a checkpoint `state`, and put the data on `device`. `wrap` is e.g. Ray's
     prepare_model (DDP when world size > 1)."""
     t = spec.train
-    autocast = autocast_for(t["precision"], device)
+    precision = resolve_precision(t["precision"], device)
+    autocast = autocast_for(precision, device)
     train_rows, val_rows = training_split(spec, labels)
     batch = t["batch_size"] // comm.world_size
     steps = len(epoch_rows(train_rows, 1, spec)) // t["batch_size"]
@@ -476,7 +478,7 @@ def make_loop(
     model = wrap(net) if wrap is not None else net
     optimizer = make_optimizer(net, t)  # DDP shares net's parameters
     scheduler = make_scheduler(optimizer, t, steps)
-    scaler = torch.amp.GradScaler(device.type) if t["precision"] == "fp16" else None
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -484,8 +486,9 @@ def make_loop(
             scaler.load_state_dict(state["scaler"])
     data = DeviceData(images, labels, spec.mean, spec.std, device, t["channels_last"])
     return Loop(
-        spec, net, model, optimizer, scheduler, scaler, data, train_rows, val_rows, batch, autocast
-    )
+        spec, net, model, optimizer, scheduler, scaler, data, train_rows, val_rows, batch,
+        precision, autocast,
+    )  # fmt: skip
 
 
 EpochHook = Callable[[dict[str, Any], Loop, list[dict[str, Any]]], None]
@@ -646,8 +649,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     )
     loop = make_loop(spec, images, labels, comm, device, state=state, wrap=wrap)
     if rank == 0:
-        precision = resolve_precision(spec.train["precision"], device)
-        print(f"{world} worker(s) on {device.type}, precision {precision}", flush=True)
+        print(f"{world} worker(s) on {device.type}, precision {loop.precision}", flush=True)
     fault = _Fault(**(config.get("fault") or {}))
     track = config.get("tracking")
     if rank == 0 and track and history:  # epochs a previous attempt checkpointed, maybe unlogged
