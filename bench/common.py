@@ -181,18 +181,21 @@ class Noise(_Sampler):
         return self.foreign_seconds() / (wall * cpus())
 
 
-def preemptions(pid: int) -> int:
-    """Involuntary context switches of all the threads of process `pid` (Linux; else 0).
-    psutil's num_ctx_switches counts the main thread only."""
-    total = 0
+def preemptions(pid: int) -> dict[int, int]:
+    """{thread id: involuntary context switches} of the threads of process `pid` (Linux; else
+    empty). psutil's num_ctx_switches counts the main thread only."""
+    counts: dict[int, int] = {}
     for status in Path(f"/proc/{pid}/task").glob("*/status"):
         try:
             for line in status.read_text().splitlines():
                 if line.startswith("nonvoluntary_ctxt_switches:"):
-                    total += int(line.split()[1])
+                    counts[int(status.parent.name)] = int(line.split()[1])
         except OSError:  # the thread ended
             continue
-    return total
+    return counts
+
+
+_Row = tuple[str, float, dict[int, int]]
 
 
 class CpuTimeline(_Sampler):
@@ -206,10 +209,11 @@ class CpuTimeline(_Sampler):
 
     def __init__(self, interval: float = 0.5) -> None:
         super().__init__(interval)
-        self.samples: list[tuple[float, dict[tuple[int, float], tuple[str, float, int]]]] = []
+        # (time, {(pid, create time): (name, CPU seconds, {thread id: preemptions})})
+        self.samples: list[tuple[float, dict[tuple[int, float], _Row]]] = []
 
     def _sample(self, initial: bool = False) -> None:
-        seen: dict[tuple[int, float], tuple[str, float, int]] = {}
+        seen: dict[tuple[int, float], _Row] = {}
         for pid in _ours(self.root):
             try:
                 p = psutil.Process(pid)
@@ -225,14 +229,16 @@ class CpuTimeline(_Sampler):
     def used(self, start: float, stop: float) -> tuple[float, dict[str, float], dict[str, float]]:
         """(seconds between the samples nearest `start` and `stop`, {process name: CPU seconds
         its processes used in between}, {process name: their involuntary context switches in
-        between}); a process born in between counts from zero."""
+        between}); a process or thread born in between counts from zero, and the switches of a
+        thread that ended in between are not counted."""
         (t0, a), (t1, b) = (min(self.samples, key=lambda s: abs(s[0] - t)) for t in (start, stop))
         cpu: dict[str, float] = {}
         switches: dict[str, float] = {}
-        for key, (name, seconds, count) in b.items():
-            c0, s0 = a[key][1:] if key in a else (0.0, 0)
+        for key, (name, seconds, counts) in b.items():
+            c0, s0 = a[key][1:] if key in a else (0.0, {})
             cpu[name] = cpu.get(name, 0.0) + max(seconds - c0, 0.0)
-            switches[name] = switches.get(name, 0.0) + max(count - s0, 0)
+            added = sum(n - s0.get(tid, 0) for tid, n in counts.items())
+            switches[name] = switches.get(name, 0.0) + added
         return t1 - t0, cpu, switches
 
     def count(self, when: float, name: str) -> int:

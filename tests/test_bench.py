@@ -4,6 +4,8 @@ Nothing here asserts on time; the figures are `make bench`'s (BENCHMARKS.md)."""
 from __future__ import annotations
 
 import json
+import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -64,6 +66,21 @@ def test_noise_sees_other_processes_and_alternation_orders_runs():
     alt.run()
     assert order == ["a", "b", "a", "b"]
     assert alt.values("b", "x") == [2.0, 2.0]
+
+
+def test_cpu_timeline_counts_preemptions_per_thread():
+    """A thread that ends between two samples must not cancel the switches of the others."""
+    timeline = common.CpuTimeline()
+    worker = (7, 1.0)
+    timeline.samples = [
+        (0.0, {worker: ("ray::RayTrainWorker", 1.0, {70: 100, 71: 5, 72: 900})}),
+        (10.0, {worker: ("ray::RayTrainWorker", 9.0, {70: 400, 71: 15, 73: 20})}),
+    ]
+    wall, cpu, switches = timeline.used(0.0, 10.0)
+    assert wall == 10.0
+    assert cpu == {"ray::RayTrainWorker": 8.0}
+    assert switches == {"ray::RayTrainWorker": 300 + 10 + 20}  # 72 ended, 73 was born
+    assert set(common.preemptions(os.getpid())) >= {threading.get_native_id()}
 
 
 def test_busy_fraction_merges_overlapping_device_intervals():
