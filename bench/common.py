@@ -229,16 +229,25 @@ class CpuTimeline(_Sampler):
     def used(self, start: float, stop: float) -> tuple[float, dict[str, float], dict[str, float]]:
         """(seconds between the samples nearest `start` and `stop`, {process name: CPU seconds
         its processes used in between}, {process name: their involuntary context switches in
-        between}); a process or thread born in between counts from zero, and the switches of a
-        thread that ended in between are not counted."""
+        between}); a process or thread born in between counts from zero, and a thread that ended
+        in between counts up to the last sample that saw it (a training thread ends with its last
+        epoch, before the sample nearest the last checkpoint)."""
         (t0, a), (t1, b) = (min(self.samples, key=lambda s: abs(s[0] - t)) for t in (start, stop))
         cpu: dict[str, float] = {}
-        switches: dict[str, float] = {}
-        for key, (name, seconds, counts) in b.items():
-            c0, s0 = a[key][1:] if key in a else (0.0, {})
+        for key, (name, seconds, _) in b.items():
+            c0 = a[key][1] if key in a else 0.0
             cpu[name] = cpu.get(name, 0.0) + max(seconds - c0, 0.0)
-            added = sum(n - s0.get(tid, 0) for tid, n in counts.items())
-            switches[name] = switches.get(name, 0.0) + added
+        last: dict[tuple[tuple[int, float], int], int] = {}
+        names: dict[tuple[int, float], str] = {}
+        for when, seen in self.samples:
+            if t0 < when <= t1:
+                for key, (name, _, counts) in seen.items():
+                    names[key] = name
+                    last.update(((key, tid), n) for tid, n in counts.items())
+        switches: dict[str, float] = {}
+        for (key, tid), n in last.items():
+            added = n - a[key][2].get(tid, 0) if key in a else n
+            switches[names[key]] = switches.get(names[key], 0.0) + added
         return t1 - t0, cpu, switches
 
     def count(self, when: float, name: str) -> int:

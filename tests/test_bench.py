@@ -69,17 +69,21 @@ def test_noise_sees_other_processes_and_alternation_orders_runs():
 
 
 def test_cpu_timeline_counts_preemptions_per_thread():
-    """A thread that ends between two samples must not cancel the switches of the others."""
+    """A thread that ends between two samples keeps the switches seen before it ended (the
+    training thread ends with the last epoch), and cannot cancel the other threads' switches."""
     timeline = common.CpuTimeline()
     worker = (7, 1.0)
     timeline.samples = [
         (0.0, {worker: ("ray::RayTrainWorker", 1.0, {70: 100, 71: 5, 72: 900})}),
+        (5.0, {worker: ("ray::RayTrainWorker", 5.0, {70: 250, 71: 10, 72: 1500})}),
         (10.0, {worker: ("ray::RayTrainWorker", 9.0, {70: 400, 71: 15, 73: 20})}),
     ]
     wall, cpu, switches = timeline.used(0.0, 10.0)
     assert wall == 10.0
     assert cpu == {"ray::RayTrainWorker": 8.0}
-    assert switches == {"ray::RayTrainWorker": 300 + 10 + 20}  # 72 ended, 73 was born
+    # 70 and 71 as counted; 72 up to its last sample; 73 born in between, from zero
+    assert switches == {"ray::RayTrainWorker": 300 + 10 + 600 + 20}
+    assert timeline.used(0.0, 5.0)[2] == {"ray::RayTrainWorker": 150 + 5 + 600}
     assert set(common.preemptions(os.getpid())) >= {threading.get_native_id()}
 
 
