@@ -181,26 +181,33 @@ class Noise(_Sampler):
         return self.foreign_seconds() / (wall * cpus())
 
 
-def preemptions(pid: int) -> dict[int, int]:
-    """{thread id: involuntary context switches} of the threads of process `pid` (Linux; else
-    empty). psutil's num_ctx_switches counts the main thread only."""
-    counts: dict[int, int] = {}
-    for status in Path(f"/proc/{pid}/task").glob("*/status"):
+def thread_stats(pid: int) -> dict[int, tuple[int, float]]:
+    """{thread id: (involuntary context switches, seconds it was runnable but waited for a CPU)}
+    of the threads of process `pid` (Linux; else empty; the wait is 0 without schedstat).
+    psutil's num_ctx_switches counts the main thread only."""
+    stats: dict[int, tuple[int, float]] = {}
+    for task in Path(f"/proc/{pid}/task").glob("*"):
         try:
-            for line in status.read_text().splitlines():
-                if line.startswith("nonvoluntary_ctxt_switches:"):
-                    counts[int(status.parent.name)] = int(line.split()[1])
-        except OSError:  # the thread ended
+            status = (task / "status").read_text().splitlines()
+            switches = next(
+                int(line.split()[1])
+                for line in status
+                if line.startswith("nonvoluntary_ctxt_switches:")
+            )
+            sched = task / "schedstat"
+            waited = int(sched.read_text().split()[1]) / 1e9 if sched.exists() else 0.0
+        except (OSError, StopIteration, IndexError, ValueError):  # the thread ended
             continue
-    return counts
+        stats[int(task.name)] = (switches, waited)
+    return stats
 
 
-_Row = tuple[str, float, dict[int, int]]
+_Row = tuple[str, float, dict[int, tuple[int, float]]]
 
 
 class CpuTimeline(_Sampler):
-    """Samples, every `interval` s in a thread, the CPU seconds and involuntary context switches
-    (preemptions) of this process and its descendants (a local Ray instance: raylet, GCS, Ray's
+    """Samples, every `interval` s in a thread, the CPU seconds, involuntary context switches
+    (preemptions) and run-queue waits of this process and its descendants (a local Ray instance: raylet, GCS, Ray's
     actors, the training workers), so that a benchmark can say who used the CPUs in a window it
     learns afterwards (e.g. between two checkpoints). Processes are named by their process name
     (`ray::TrainController`, ...); this process is `DRIVER`."""
@@ -209,7 +216,7 @@ class CpuTimeline(_Sampler):
 
     def __init__(self, interval: float = 0.5) -> None:
         super().__init__(interval)
-        # (time, {(pid, create time): (name, CPU seconds, {thread id: preemptions})})
+        # (time, {(pid, create time): (name, CPU seconds, {thread id: (preemptions, wait s)})})
         self.samples: list[tuple[float, dict[tuple[int, float], _Row]]] = []
 
     def _sample(self, initial: bool = False) -> None:
@@ -220,35 +227,40 @@ class CpuTimeline(_Sampler):
                 with p.oneshot():
                     t = p.cpu_times()
                     name = self.DRIVER if pid == self.root else p.name()
-                    switches = preemptions(pid)
-                    seen[(pid, p.create_time())] = (name, t.user + t.system, switches)
+                    threads = thread_stats(pid)
+                    seen[(pid, p.create_time())] = (name, t.user + t.system, threads)
             except psutil.Error:
                 continue
         self.samples.append((time.time(), seen))
 
-    def used(self, start: float, stop: float) -> tuple[float, dict[str, float], dict[str, float]]:
-        """(seconds between the samples nearest `start` and `stop`, {process name: CPU seconds
-        its processes used in between}, {process name: their involuntary context switches in
-        between}); a process or thread born in between counts from zero, and a thread that ended
-        in between counts up to the last sample that saw it (a training thread ends with its last
-        epoch, before the sample nearest the last checkpoint)."""
+    def used(
+        self, start: float, stop: float
+    ) -> tuple[float, dict[str, float], dict[str, float], dict[str, float]]:
+        """(seconds between the samples nearest `start` and `stop`, then per process name, summed
+        over its processes and their threads, in between: {CPU seconds}, {involuntary context
+        switches}, {seconds runnable but waiting for a CPU}). A process or thread born in between
+        counts from zero; a thread that ended in between counts up to the last sample that saw it
+        (a training thread ends with its last epoch, before the sample nearest the last
+        checkpoint)."""
         (t0, a), (t1, b) = (min(self.samples, key=lambda s: abs(s[0] - t)) for t in (start, stop))
         cpu: dict[str, float] = {}
         for key, (name, seconds, _) in b.items():
             c0 = a[key][1] if key in a else 0.0
             cpu[name] = cpu.get(name, 0.0) + max(seconds - c0, 0.0)
-        last: dict[tuple[tuple[int, float], int], int] = {}
+        last: dict[tuple[tuple[int, float], int], tuple[int, float]] = {}
         names: dict[tuple[int, float], str] = {}
         for when, seen in self.samples:
             if t0 < when <= t1:
-                for key, (name, _, counts) in seen.items():
+                for key, (name, _, threads) in seen.items():
                     names[key] = name
-                    last.update(((key, tid), n) for tid, n in counts.items())
+                    last.update(((key, tid), stat) for tid, stat in threads.items())
         switches: dict[str, float] = {}
-        for (key, tid), n in last.items():
-            added = n - a[key][2].get(tid, 0) if key in a else n
-            switches[names[key]] = switches.get(names[key], 0.0) + added
-        return t1 - t0, cpu, switches
+        waits: dict[str, float] = {}
+        for (key, tid), (n, w) in last.items():
+            n0, w0 = a[key][2].get(tid, (0, 0.0)) if key in a else (0, 0.0)
+            switches[names[key]] = switches.get(names[key], 0.0) + n - n0
+            waits[names[key]] = waits.get(names[key], 0.0) + w - w0
+        return t1 - t0, cpu, switches, waits
 
     def count(self, when: float, name: str) -> int:
         """How many processes whose name contains `name` the sample nearest `when` saw."""

@@ -74,9 +74,10 @@ def ray_cpu(timeline: CpuTimeline, ends: list[float], trainer: str) -> dict[str,
     """Who used the CPUs between the first and the last epoch end: the `trainer` processes
     (the RayTrainWorkers, or the driver for the plain loop) and Ray's own processes (raylet,
     GCS, the Train controller and its helper actors, idle workers), each as a share of the
-    machine's CPUs; and how often per second a trainer process was preempted (involuntary
-    context switches, summed over its threads; per process)."""
-    wall, used, switches = timeline.used(ends[0], ends[-1])
+    machine's CPUs; how often per second a trainer process was preempted (involuntary context
+    switches, summed over its threads; per process), and how long its threads waited for a CPU
+    while runnable (seconds per second, summed over its threads; per process)."""
+    wall, used, switches, waits = timeline.used(ends[0], ends[-1])
     wall = max(wall, 1e-9)
     total = wall * cpus()
     workers = sum(v for k, v in used.items() if trainer in k)
@@ -91,6 +92,7 @@ def ray_cpu(timeline: CpuTimeline, ends: list[float], trainer: str) -> dict[str,
         "ray_share": sum(helpers.values()),
         "ray_processes": dict(sorted(helpers.items(), key=lambda kv: -kv[1])),
         "preemptions_per_s": sum(v for k, v in switches.items() if trainer in k) / n / wall,
+        "waiting_s_per_s": sum(v for k, v in waits.items() if trainer in k) / n / wall,
     }
 
 
@@ -169,7 +171,7 @@ def measure(
         summary[name] = {
             key: median(alt.values(name, key))
             for key in ("epoch_ips", "loop_ips", "epoch_s", "train_pass_s", "fixed_s", "wall_s",
-                        "worker_share", "ray_share", "preemptions_per_s")
+                        "worker_share", "ray_share", "preemptions_per_s", "waiting_s_per_s")
         }  # fmt: skip
         procs = alt.values(name, "ray_processes")
         names = {k for p in procs for k in p}

@@ -112,18 +112,28 @@ def item_ray(r: dict[str, Any] | None) -> tuple[list[list[str]], str]:
             text += (
                 f". The worker process was preempted {ray1['preemptions_per_s']:,.0f} times a "
                 f"second (all its threads) against {plain['preemptions_per_s']:,.0f} for the "
-                "plain loop's: every Ray "
-                "process wakes about 100 times a second (its core worker's 10 ms signal check), "
-                "and a preempted thread holds up its partner at the next barrier of each op"
+                "plain loop's: every Ray process wakes about 100 times a second (its core "
+                "worker's 10 ms signal check), and Ray Train runs 5 of them beside the worker "
+                "(the controller and its helper actors) plus the worker's own idle main thread"
+            )
+        if "waiting_s_per_s" in ray1 and "waiting_s_per_s" in plain:
+            text += (
+                f". Its threads waited for a CPU {ray1['waiting_s_per_s']:.3f} s per second "
+                f"(summed over its threads) against {plain['waiting_s_per_s']:.3f} s for the "
+                "plain loop's, and a thread that waits holds up its partner at the barrier that "
+                "ends each op, which spins meanwhile (CPU time spent, no work done): on a "
+                "machine whose 2 cores both compute, Ray's CPU costs about twice its share"
             )
         if gap > extra + 1:
             text += (
-                f". That extra CPU accounts for about {extra:.1f} points of the {gap:.1f}-point "
-                "gap in training pass speed; the rest is the worker's training pass itself "
-                "running slower per CPU second than the same code in the driver (tried without "
-                "gain: Ray's helpers at nice 19 or SCHED_IDLE, RAY_worker_niceness=0 instead of "
-                "Ray's 15, Ray Train's metrics off and a 2 s health check, glibc malloc keeping "
-                "freed buffers: a third of the page faults, no speed-up)"
+                f". Ray's extra CPU is about {extra:.1f} points of the {gap:.1f}-point gap in "
+                "training pass speed, about twice that with the barrier waits; the rest is "
+                "this machine's run-to-run noise and slower work per CPU second (tried without "
+                "gain: Ray's helpers at nice 19 or SCHED_IDLE, the worker's compute threads at "
+                "nice 0 instead of Ray's 15, RAY_worker_niceness=0, Ray Train's metrics off and "
+                "a 2 s health check, glibc malloc keeping freed buffers: a third of the page "
+                "faults, no speed-up; training on the worker's main thread is not possible, "
+                "Ray Train v2 runs the train function in a thread)"
             )
         else:
             text += (

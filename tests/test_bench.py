@@ -69,22 +69,23 @@ def test_noise_sees_other_processes_and_alternation_orders_runs():
 
 
 def test_cpu_timeline_counts_preemptions_per_thread():
-    """A thread that ends between two samples keeps the switches seen before it ended (the
-    training thread ends with the last epoch), and cannot cancel the other threads' switches."""
+    """A thread that ends between two samples keeps the switches and waits seen before it ended
+    (the training thread ends with the last epoch), and cannot cancel the other threads'."""
     timeline = common.CpuTimeline()
     worker = (7, 1.0)
     timeline.samples = [
-        (0.0, {worker: ("ray::RayTrainWorker", 1.0, {70: 100, 71: 5, 72: 900})}),
-        (5.0, {worker: ("ray::RayTrainWorker", 5.0, {70: 250, 71: 10, 72: 1500})}),
-        (10.0, {worker: ("ray::RayTrainWorker", 9.0, {70: 400, 71: 15, 73: 20})}),
-    ]
-    wall, cpu, switches = timeline.used(0.0, 10.0)
+        (0.0, {worker: ("ray::RayTrainWorker", 1.0, {70: (100, 1.0), 71: (5, 0.0), 72: (900, 2.0)})}),
+        (5.0, {worker: ("ray::RayTrainWorker", 5.0, {70: (250, 1.5), 71: (10, 0.0), 72: (1500, 2.5)})}),
+        (10.0, {worker: ("ray::RayTrainWorker", 9.0, {70: (400, 2.0), 71: (15, 0.1), 73: (20, 0.2)})}),
+    ]  # fmt: skip
+    wall, cpu, switches, waits = timeline.used(0.0, 10.0)
     assert wall == 10.0
     assert cpu == {"ray::RayTrainWorker": 8.0}
     # 70 and 71 as counted; 72 up to its last sample; 73 born in between, from zero
     assert switches == {"ray::RayTrainWorker": 300 + 10 + 600 + 20}
+    assert waits["ray::RayTrainWorker"] == pytest.approx(1.0 + 0.1 + 0.5 + 0.2)
     assert timeline.used(0.0, 5.0)[2] == {"ray::RayTrainWorker": 150 + 5 + 600}
-    assert set(common.preemptions(os.getpid())) >= {threading.get_native_id()}
+    assert set(common.thread_stats(os.getpid())) >= {threading.get_native_id()}
 
 
 def test_busy_fraction_merges_overlapping_device_intervals():
