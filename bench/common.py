@@ -207,10 +207,10 @@ _Row = tuple[str, float, dict[int, tuple[int, float]]]
 
 class CpuTimeline(_Sampler):
     """Samples, every `interval` s in a thread, the CPU seconds, involuntary context switches
-    (preemptions) and run-queue waits of this process and its descendants (a local Ray instance: raylet, GCS, Ray's
-    actors, the training workers), so that a benchmark can say who used the CPUs in a window it
-    learns afterwards (e.g. between two checkpoints). Processes are named by their process name
-    (`ray::TrainController`, ...); this process is `DRIVER`."""
+    (preemptions) and run-queue waits of this process and its descendants (a local Ray
+    instance: raylet, GCS, Ray's actors, the training workers), so that a benchmark can say who
+    used the CPUs in a window it learns afterwards (e.g. between two checkpoints). Processes are
+    named by their process name (`ray::TrainController`, ...); this process is `DRIVER`."""
 
     DRIVER = "driver"
 

@@ -66,11 +66,12 @@ def _context(r: dict[str, Any]) -> str:
 # Items: each returns (table rows, section text)
 
 
-# Earlier full runs of item 1 (`python -m bench.run --only ray`, 5 rounds) on the Intel Xeon
-# (family 6, model 207) of sessions 7 and 8: (when, ray1/plain, ray2/ray1 epoch images/s).
+# Earlier full runs of item 1 (`python -m bench.run --only ray`, 5 rounds each) on the Intel
+# Xeon (family 6, model 207) of sessions 7 and 8: (when, ray1/plain, ray2/ray1 epoch images/s).
 RAY_RUNS = [
     ("2026-12-01 00:31 UTC", 0.784, 1.045),
     ("2026-12-01 02:51 UTC", 0.851, 0.946),
+    ("2026-12-01 03:33 UTC", 1.015, 0.950),
 ]
 
 
@@ -129,8 +130,9 @@ def item_ray(r: dict[str, Any] | None) -> tuple[list[list[str]], str]:
     ratio_lines = "\n".join(f"- {k}: **{v:.3f}**{_spread(r['runs'], k)}" for k, v in ratios.items())
     if RAY_RUNS:
         ratio_lines += (
-            "\n\nEarlier full runs of this item on this machine kind (same code but for the "
-            "benchmark's own accounting), ray1/plain and ray2/ray1 epoch images/s: "
+            "\n\nEarlier full runs of this item on this machine kind (5 rounds each; the same "
+            "code but for the benchmark's own accounting), ray1/plain and ray2/ray1 epoch "
+            "images/s: "
             + "; ".join(f"{when}: {a:.3f} and {b:.3f}" for when, a, b in RAY_RUNS)
             + ". The verdict in the table is this run's; between runs the ratios moved by more "
             "than the gaps they measure, so read them together."
