@@ -181,6 +181,9 @@ class Noise(_Sampler):
         return self.foreign_seconds() / (wall * cpus())
 
 
+_SCHEDSTAT = Path("/proc/self/schedstat").exists()  # the kernel keeps per-thread run-queue waits
+
+
 def thread_stats(pid: int) -> dict[int, tuple[int, float]]:
     """{thread id: (involuntary context switches, seconds it was runnable but waited for a CPU)}
     of the threads of process `pid` (Linux; else empty; the wait is 0 without schedstat).
@@ -194,8 +197,8 @@ def thread_stats(pid: int) -> dict[int, tuple[int, float]]:
                 for line in status
                 if line.startswith("nonvoluntary_ctxt_switches:")
             )
-            sched = task / "schedstat"
-            waited = int(sched.read_text().split()[1]) / 1e9 if sched.exists() else 0.0
+            sched = (task / "schedstat").read_text() if _SCHEDSTAT else "0 0 0"
+            waited = int(sched.split()[1]) / 1e9
         except (OSError, StopIteration, IndexError, ValueError):  # the thread ended
             continue
         stats[int(task.name)] = (switches, waited)

@@ -182,12 +182,13 @@ def measure(
         summary[name]["threads"] = f"{VARIANTS[name][0]} x {VARIANTS[name][1]}"
     # each ratio is the median of the rounds' ratios: a variant is compared with its neighbour
     # in time, so a slow stretch of this shared machine weighs on both sides of a ratio
-    ratios = {}
+    round_ratios = {}
     for a, b in (("ray1", "plain"), ("ray2", "ray1")):
         if a in summary and b in summary:
             for key in ("epoch_ips", "loop_ips"):
                 pairs = zip(alt.values(a, key), alt.values(b, key), strict=False)
-                ratios[f"{a}/{b} {key}"] = median([x / y for x, y in pairs])
+                round_ratios[f"{a}/{b} {key}"] = [x / y for x, y in pairs]
+    ratios = {k: median(v) for k, v in round_ratios.items()}
     return {
         "setup": {
             "rows": len(data.train_labels),
@@ -200,6 +201,7 @@ def measure(
         },
         "summary": summary,
         "ratios": ratios,
+        "round_ratios": round_ratios,
         "machine_scaling": ceiling,
         "runs": [
             {

@@ -75,14 +75,8 @@ RAY_RUNS = [
 ]
 
 
-def _spread(runs: list[dict[str, Any]], ratio: str) -> str:
-    """' (rounds: lowest-highest)' of a ratio named like 'ray1/plain epoch_ips', from the runs
-    (the k-th run of one variant against the k-th of the other: the same round)."""
-    pair, key = ratio.split()
-    a, b = pair.split("/")
-    xs = [x[key] for x in runs if x["variant"] == a]
-    ys = [y[key] for y in runs if y["variant"] == b]
-    per_round = [x / y for x, y in zip(xs, ys, strict=False)]
+def _spread(per_round: list[float]) -> str:
+    """' (rounds: lowest-highest)' of a ratio's per-round values, or '' without them."""
     return f" (rounds: {min(per_round):.3f}-{max(per_round):.3f})" if per_round else ""
 
 
@@ -127,7 +121,10 @@ def item_ray(r: dict[str, Any] | None) -> tuple[list[list[str]], str]:
             f"| {name} | {v['threads']} | {_f(v['epoch_ips'])} | {_f(v['loop_ips'])} | "
             f"{_f(v['epoch_s'], '.2f')} | {_f(v['fixed_s'], '.1f')} |"
         )
-    ratio_lines = "\n".join(f"- {k}: **{v:.3f}**{_spread(r['runs'], k)}" for k, v in ratios.items())
+    per_round = r.get("round_ratios", {})
+    ratio_lines = "\n".join(
+        f"- {k}: **{v:.3f}**{_spread(per_round.get(k, []))}" for k, v in ratios.items()
+    )
     if RAY_RUNS:
         ratio_lines += (
             "\n\nEarlier full runs of this item on this machine kind (5 rounds each; the same "
