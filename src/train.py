@@ -82,8 +82,9 @@ STATE_FILE = "state.pt"  # inside each Ray checkpoint
 MLFLOW_RUN_FILE = "mlflow_run.json"  # in the Ray run folder: the MLflow run a resume reuses
 DONE_FILE = "stage_done.json"  # in the Ray run folder: the stage finished; a re-run starts anew
 FAULT_ENV = "CNN_TRAIN_FAULT"  # test hook, see _Fault
-EVAL_BATCH = 256  # validation rows per pass: bigger passes gain little on CPU, and their activations
-# (100 MB at 1024 rows of 28x28) outgrow a thread's malloc arena (64 MB heaps), so each is mmapped anew
+# Validation rows per pass: bigger passes gain little on CPU, and their activations (100 MB at
+# 1024 rows of 28x28) outgrow a thread's malloc arena (64 MB heaps), so each is mmapped anew.
+EVAL_BATCH = 256
 CPU_BF16_PROBES = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # torch.cpu's
 # Train params that change no number the run computes: left out of the run's identity, so e.g.
 # raising max_failures still resumes the interrupted run.
