@@ -300,7 +300,9 @@ class Measurement:
 
 @dataclass
 class Alternation:
-    """Variants run A B C A B C ... (`rounds` times), each repeated while the machine was busy."""
+    """Variants run A B C C B A A B C ... (`rounds` rounds, every other one reversed, so each
+    variant runs as often before its neighbour as after it and a drift of this machine's speed
+    favours neither), each repeated while the machine was busy."""
 
     variants: dict[str, Callable[[], dict[str, Any]]]
     rounds: int = 3
@@ -312,7 +314,8 @@ class Alternation:
 
     def run(self) -> list[Measurement]:
         for r in range(self.rounds):
-            for name, fn in self.variants.items():
+            turn = list(self.variants.items())
+            for name, fn in turn if r % 2 == 0 else reversed(turn):
                 for attempt in range(1, self.retries + 2):
                     wait_quiet(self.noise_limit, self.patience)
                     before = loadavg()

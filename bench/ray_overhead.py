@@ -9,7 +9,8 @@ Throughput is per epoch, excluding Ray's start-up (reported separately):
              on_epoch call; Ray: the modification time of each epoch's persisted checkpoint.
   loop_ips   the training pass alone (history's images_per_sec, epochs 2..E).
   fixed_s    fit wall time minus E epochs at the median epoch time (start-up and shutdown).
-Variants run in turn, plain ray1 ray2 plain ..., in one Ray instance (`ray_session`).
+Variants run in turn, plain ray1 ray2 ray2 ray1 plain plain ... (every other round reversed), in
+one Ray instance (`ray_session`).
 """
 
 from __future__ import annotations
@@ -198,6 +199,7 @@ def measure(
             "batch_size": raw["train"]["batch_size"],
             "model": raw["model"],
             "ray_init_s": ray_up,
+            "order": "every other round reversed",
         },
         "summary": summary,
         "ratios": ratios,

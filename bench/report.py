@@ -68,11 +68,17 @@ def _context(r: dict[str, Any]) -> str:
 
 # Earlier full runs of item 1 (`python -m bench.run --only ray`, 5 rounds each) on the Intel
 # Xeon (family 6, model 207) of sessions 7 and 8: (when, ray1/plain, ray2/ray1 epoch images/s).
+# Earlier full runs of item 1 on this machine kind (Intel, AMX): when, ray1/plain and ray2/ray1
+# epoch images/s, whether the training code was the one measured above (only those count in the
+# table), and how the run differed. Add a line when item 1 is re-measured.
 RAY_RUNS = [
-    ("2026-12-01 00:31 UTC", 0.784, 1.045),
-    ("2026-12-01 02:51 UTC", 0.851, 0.946),
-    ("2026-12-01 03:33 UTC", 1.015, 0.950),
-]
+    ("2026-12-01 00:31 UTC", 0.784, 1.045, False, "5 rounds of 4 epochs"),
+    ("2026-12-01 02:51 UTC", 0.851, 0.946, False, "5 rounds of 4 epochs"),
+    ("2026-12-01 03:33 UTC", 1.015, 0.950, False, "5 rounds of 4 epochs"),
+    ("2026-12-01 04:02 UTC", 0.855, 0.923, False, "9 rounds of 4 epochs"),
+    ("2026-12-01 05:23 UTC", 0.939, 0.928, True, "9 rounds of 4 epochs, in the same order each "
+     "round; the ratios of the variants' medians were 0.987 and 0.820"),
+]  # fmt: skip
 
 
 def _spread(per_round: list[float]) -> str:
@@ -110,9 +116,9 @@ def item_ray(r: dict[str, Any] | None) -> tuple[list[list[str]], str]:
     scale = ratios.get("ray2/ray1 epoch_ips")
     rows = [
         _ray_row("1. Ray Train 1 worker / plain loop (epoch images/s)", "≥ 0.98", over,
-                 TARGETS["ray_overhead"], [a for _, a, _ in RAY_RUNS]),
+                 TARGETS["ray_overhead"], [a for _, a, _, same, _ in RAY_RUNS if same]),
         _ray_row("1. 2 workers x 1 thread / 1 worker x 2 threads", "≥ 1.0", scale,
-                 TARGETS["ray_scaling"], [b for _, _, b in RAY_RUNS]),
+                 TARGETS["ray_scaling"], [b for _, _, b, same, _ in RAY_RUNS if same]),
     ]  # fmt: skip
     table = ["| variant | workers x threads | epoch images/s | training pass images/s | epoch s | fixed s per fit |",
              "|---|---|---|---|---|---|"]  # fmt: skip
@@ -125,12 +131,24 @@ def item_ray(r: dict[str, Any] | None) -> tuple[list[list[str]], str]:
     ratio_lines = "\n".join(
         f"- {k}: **{v:.3f}**{_spread(per_round.get(k, []))}" for k, v in ratios.items()
     )
-    if RAY_RUNS:
+    if "ray1" in s and "plain" in s and "ray2" in s:
         ratio_lines += (
-            "\n\nEarlier full runs of this item on this machine kind (5 rounds each; the same "
-            "code but for the benchmark's own accounting), ray1/plain and ray2/ray1 epoch "
-            "images/s: "
-            + "; ".join(f"{when}: {a:.3f} and {b:.3f}" for when, a, b in RAY_RUNS)
+            "\n\nThe same from the variants' medians in the table (no pairing by round): "
+            f"ray1/plain {s['ray1']['epoch_ips'] / s['plain']['epoch_ips']:.3f}, ray2/ray1 "
+            f"{s['ray2']['epoch_ips'] / s['ray1']['epoch_ips']:.3f}."
+        )
+    if RAY_RUNS:
+        groups = []
+        for same, label in ((False, "before the training loop kept its freed memory "
+                             "(`src.train.keep_freed_memory`)"), (True, "with it")):  # fmt: skip
+            runs = [f"{when}: {a:.3f} and {b:.3f} ({what})"
+                    for when, a, b, s_, what in RAY_RUNS if s_ == same]  # fmt: skip
+            if runs:
+                groups.append(f"{label}, " + "; ".join(runs))
+        ratio_lines += (
+            "\n\nEarlier full runs of this item on this machine kind, ray1/plain and ray2/ray1 "
+            "epoch images/s (medians of the rounds' ratios): "
+            + "; ".join(groups)
             + ". The verdict in the table is this run's; between runs the ratios moved by more "
             "than the gaps they measure, so read them together."
         )
@@ -176,8 +194,7 @@ def item_ray(r: dict[str, Any] | None) -> tuple[list[list[str]], str]:
                 "this machine's run-to-run noise and slower work per CPU second (tried without "
                 "gain: Ray's helpers at nice 19 or SCHED_IDLE, the worker's compute threads at "
                 "nice 0 instead of Ray's 15, RAY_worker_niceness=0, Ray Train's metrics off and "
-                "a 2 s health check, glibc malloc keeping freed buffers: a third of the page "
-                "faults, no speed-up; training on the worker's main thread is not possible, "
+                "a 2 s health check; training on the worker's main thread is not possible, "
                 "Ray Train v2 runs the train function in a thread)"
             )
         else:
@@ -186,6 +203,14 @@ def item_ray(r: dict[str, Any] | None) -> tuple[list[list[str]], str]:
                 f"speed: within the extra CPU Ray's processes took ({extra:.1f} points) and this "
                 "machine's run-to-run noise"
             )
+        text += (
+            ". Fixed on 2026-12-01: glibc's malloc mapped each step's large tensors afresh and "
+            "unmapped them when freed, so a new worker page-faulted its working set in again "
+            "every step (100-150 thousand faults a second, in the training thread while its "
+            "partner waited), where the long-lived driver of the plain loop faulted less (glibc "
+            "raises its threshold as a process runs). The loop now keeps freed memory "
+            "(`src.train.keep_freed_memory`) and trains without page faults in both"
+        )
         why[("ray1", "plain")] = text
     for (a, b), reason in why.items():
         if a in s and b in s:
@@ -207,7 +232,8 @@ def item_ray(r: dict[str, Any] | None) -> tuple[list[list[str]], str]:
         "`src.train.run_ray`, the stage's TorchTrainer with a report and a checkpoint per epoch. "
         f"Same model (params.yaml's), global batch {setup['batch_size']}, Fashion-MNIST "
         f"{setup['rows']:,} rows of {setup['image_size']}x{setup['image_size']}, {setup['epochs']} "
-        f"epochs per run, {setup['rounds']} rounds alternating plain, ray1, ray2 in one Ray "
+        f"epochs per run, {setup['rounds']} rounds alternating plain, ray1, ray2"
+        + (f" ({setup['order']})" if "order" in setup else "") + " in one Ray "
         "instance. *Epoch images/s* = training images over the wall time between consecutive epoch "
         "ends (epochs 2..E: training pass + validation + Ray's report and checkpoint; for Ray, the "
         "persisted checkpoints' times); *training pass* excludes validation and reporting; "
