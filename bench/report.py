@@ -537,7 +537,7 @@ def item_memory(
         rows.append([
             "5. Preprocess: bounded images per process",
             f"≤ chunk_size x (2 + augment_copies) = {r['bound_images_per_worker']:,} images per worker",
-            f"worker +{r['worker_growth_mib']:.0f} MiB when the data grows {hi['images'] // lo['images']}x "
+            f"worker {r['worker_growth_mib']:+.0f} MiB when the data grows {hi['images'] // lo['images']}x "
             f"(+{r['output_growth_mib']:.0f} MiB of output)",
             _ok(bounded),
         ])  # fmt: skip
@@ -568,7 +568,7 @@ def item_memory(
             "the private part of its anonymous mappings (smaps), what the bound is about:\n\n",
             "\n".join(table),
             "\n\n",
-            f"The largest worker's own memory grew by {r['worker_growth_mib']:.0f} MiB while its output grew by "
+            f"The largest worker's own memory changed by {r['worker_growth_mib']:+.0f} MiB while its output grew by "
             f"{r['output_growth_mib']:.0f} MiB; the parent grew by {r['parent_growth_mib']:.0f} MiB "
             f"for {r['source_growth_mib']:.0f} MiB more source.\n\n",
         ]
