@@ -194,7 +194,10 @@ def item_ray(r: dict[str, Any] | None) -> tuple[list[list[str]], str]:
                 "this machine's run-to-run noise and slower work per CPU second (tried without "
                 "gain: Ray's helpers at nice 19 or SCHED_IDLE, the worker's compute threads at "
                 "nice 0 instead of Ray's 15, RAY_worker_niceness=0, Ray Train's metrics off and "
-                "a 2 s health check; training on the worker's main thread is not possible, "
+                "a 2 s health check, libgomp spinning 0 or 20,000 turns before sleeping at a "
+                "barrier (GOMP_SPINCOUNT), and, as a diagnosis only, Train's controller, "
+                "placement-group cleaner, dataset manager and autoscaling coordinator stopped "
+                "(SIGSTOP) during the epochs; training on the worker's main thread is not possible, "
                 "Ray Train v2 runs the train function in a thread)"
             )
         else:
