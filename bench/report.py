@@ -66,8 +66,6 @@ def _context(r: dict[str, Any]) -> str:
 # Items: each returns (table rows, section text)
 
 
-# Earlier full runs of item 1 (`python -m bench.run --only ray`, 5 rounds each) on the Intel
-# Xeon (family 6, model 207) of sessions 7 and 8: (when, ray1/plain, ray2/ray1 epoch images/s).
 # Earlier full runs of item 1 on this machine kind (Intel, AMX): when, ray1/plain and ray2/ray1
 # epoch images/s, whether the training code was the one measured above (only those count in the
 # table), and how the run differed. Add a line when item 1 is re-measured.
@@ -142,7 +140,7 @@ def item_ray(r: dict[str, Any] | None) -> tuple[list[list[str]], str]:
         for same, label in ((False, "before the training loop kept its freed memory "
                              "(`src.train.keep_freed_memory`)"), (True, "with it")):  # fmt: skip
             runs = [f"{when}: {a:.3f} and {b:.3f} ({what})"
-                    for when, a, b, s_, what in RAY_RUNS if s_ == same]  # fmt: skip
+                    for when, a, b, same_code, what in RAY_RUNS if same_code == same]  # fmt: skip
             if runs:
                 groups.append(f"{label}, " + "; ".join(runs))
         ratio_lines += (

@@ -465,7 +465,9 @@ def make_loop(
 ) -> Loop:
     """Build the model (seeded: the same weights on every rank), optimizer and schedule, restore
     them from a checkpoint `state`, and put the data on `device`. `wrap` is e.g. Ray's
-    prepare_model (DDP when world size > 1)."""
+    prepare_model (DDP when world size > 1). The process keeps freed memory from here on
+    (keep_freed_memory): every process that trains comes through here."""
+    keep_freed_memory()
     t = spec.train
     precision = resolve_precision(t["precision"], device)
     autocast = autocast_for(precision, device)
@@ -601,7 +603,6 @@ def run_local(
         The per-epoch history (see run_epochs). Uses train.cpus_per_worker threads, like a worker.
     """
     spec = loop_spec(params, processed.meta)
-    keep_freed_memory()
     torch.set_num_threads(params.train.cpus_per_worker)
     device = torch.device(device)
     # in memory, as a worker holds them after ray.get (not a memory map)
@@ -655,7 +656,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
 
     spec = LoopSpec(**config["spec"])
-    keep_freed_memory()
     torch.set_num_threads(spec.train["cpus_per_worker"])  # Ray sets OMP_NUM_THREADS=1
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
