@@ -184,11 +184,11 @@ class Noise(_Sampler):
 _SCHEDSTAT = Path("/proc/self/schedstat").exists()  # the kernel keeps per-thread run-queue waits
 
 
-def thread_stats(pid: int) -> dict[int, tuple[int, float]]:
-    """{thread id: (involuntary context switches, seconds it was runnable but waited for a CPU)}
-    of the threads of process `pid` (Linux; else empty; the wait is 0 without schedstat).
-    psutil's num_ctx_switches counts the main thread only."""
-    stats: dict[int, tuple[int, float]] = {}
+def thread_stats(pid: int) -> dict[int, tuple[int, float, float]]:
+    """{thread id: (involuntary context switches, seconds it was runnable but waited for a CPU,
+    seconds it ran on a CPU)} of the threads of process `pid` (Linux; else empty; both times are
+    0 without schedstat). psutil's num_ctx_switches counts the main thread only."""
+    stats: dict[int, tuple[int, float, float]] = {}
     for task in Path(f"/proc/{pid}/task").glob("*"):
         try:
             status = (task / "status").read_text().splitlines()
@@ -198,14 +198,14 @@ def thread_stats(pid: int) -> dict[int, tuple[int, float]]:
                 if line.startswith("nonvoluntary_ctxt_switches:")
             )
             sched = (task / "schedstat").read_text() if _SCHEDSTAT else "0 0 0"
-            waited = int(sched.split()[1]) / 1e9
+            ran, waited = (int(x) / 1e9 for x in sched.split()[:2])
         except (OSError, StopIteration, IndexError, ValueError):  # the thread ended
             continue
-        stats[int(task.name)] = (switches, waited)
+        stats[int(task.name)] = (switches, waited, ran)
     return stats
 
 
-_Row = tuple[str, float, dict[int, tuple[int, float]]]
+_Row = tuple[str, float, dict[int, tuple[int, float, float]]]
 
 
 class CpuTimeline(_Sampler):
@@ -213,13 +213,18 @@ class CpuTimeline(_Sampler):
     (preemptions) and run-queue waits of this process and its descendants (a local Ray
     instance: raylet, GCS, Ray's actors, the training workers), so that a benchmark can say who
     used the CPUs in a window it learns afterwards (e.g. between two checkpoints). Processes are
-    named by their process name (`ray::TrainController`, ...); this process is `DRIVER`."""
+    named by their process name (`ray::TrainController`, ...); this process is `DRIVER`.
+
+    Per-thread figures are read only for the processes whose name contains `threads_of` (all
+    when None): reading every thread of a Ray instance (about a thousand) twice a second costs
+    about 5% of 2 CPUs, more with more Ray actors, so it would tax the variant it measures."""
 
     DRIVER = "driver"
 
-    def __init__(self, interval: float = 0.5) -> None:
+    def __init__(self, interval: float = 0.5, threads_of: str | None = None) -> None:
         super().__init__(interval)
-        # (time, {(pid, create time): (name, CPU seconds, {thread id: (preemptions, wait s)})})
+        self.threads_of = threads_of
+        # (time, {(pid, create time): (name, CPU s, {thread id: (preemptions, wait s, CPU s)})})
         self.samples: list[tuple[float, dict[tuple[int, float], _Row]]] = []
 
     def _sample(self, initial: bool = False) -> None:
@@ -230,7 +235,8 @@ class CpuTimeline(_Sampler):
                 with p.oneshot():
                     t = p.cpu_times()
                     name = self.DRIVER if pid == self.root else p.name()
-                    threads = thread_stats(pid)
+                    wanted = self.threads_of is None or self.threads_of in name
+                    threads = thread_stats(pid) if wanted else {}
                     seen[(pid, p.create_time())] = (name, t.user + t.system, threads)
             except psutil.Error:
                 continue
@@ -245,29 +251,53 @@ class CpuTimeline(_Sampler):
         counts from zero; a thread that ended in between counts up to the last sample that saw it
         (a training thread ends with its last epoch, before the sample nearest the last
         checkpoint)."""
-        (t0, a), (t1, b) = (min(self.samples, key=lambda s: abs(s[0] - t)) for t in (start, stop))
+        (t0, a), (t1, b) = self._window(start, stop)
         cpu: dict[str, float] = {}
         for key, (name, seconds, _) in b.items():
             c0 = a[key][1] if key in a else 0.0
             cpu[name] = cpu.get(name, 0.0) + max(seconds - c0, 0.0)
-        last: dict[tuple[tuple[int, float], int], tuple[int, float]] = {}
+        switches: dict[str, float] = {}
+        waits: dict[str, float] = {}
+        for (name, _), (n, w, _) in self._thread_deltas(start, stop).items():
+            switches[name] = switches.get(name, 0.0) + n
+            waits[name] = waits.get(name, 0.0) + w
+        return t1 - t0, cpu, switches, waits
+
+    def thread_cpu(self, start: float, stop: float, name: str) -> list[float]:
+        """CPU seconds each thread of the processes whose name contains `name` ran between the
+        samples nearest `start` and `stop` (counted as in `used`), largest first."""
+        deltas = self._thread_deltas(start, stop)
+        return sorted((d[2] for (n, _), d in deltas.items() if name in n), reverse=True)
+
+    def _window(self, start: float, stop: float) -> tuple[tuple[float, Any], tuple[float, Any]]:
+        """The samples nearest `start` and `stop`."""
+        t0, t1 = (min(self.samples, key=lambda s: abs(s[0] - t)) for t in (start, stop))
+        return t0, t1
+
+    def _thread_deltas(
+        self, start: float, stop: float
+    ) -> dict[tuple[str, tuple[tuple[int, float], int]], tuple[float, ...]]:
+        """{(process name, ((pid, create time), thread id)): the thread's (switches, waits, CPU
+        seconds) between the samples t0 and t1 nearest `start` and `stop`}."""
+        (t0, a), (t1, _) = self._window(start, stop)
+        last: dict[tuple[tuple[int, float], int], tuple[int, float, float]] = {}
         names: dict[tuple[int, float], str] = {}
         for when, seen in self.samples:
             if t0 < when <= t1:
                 for key, (name, _, threads) in seen.items():
                     names[key] = name
                     last.update(((key, tid), stat) for tid, stat in threads.items())
-        switches: dict[str, float] = {}
-        waits: dict[str, float] = {}
-        for (key, tid), (n, w) in last.items():
-            n0, w0 = a[key][2].get(tid, (0, 0.0)) if key in a else (0, 0.0)
-            switches[names[key]] = switches.get(names[key], 0.0) + n - n0
-            waits[names[key]] = waits.get(names[key], 0.0) + w - w0
-        return t1 - t0, cpu, switches, waits
+        deltas = {}
+        for (key, tid), stat in last.items():
+            before = a[key][2].get(tid, (0, 0.0, 0.0)) if key in a else (0, 0.0, 0.0)
+            deltas[(names[key], (key, tid))] = tuple(
+                x - y for x, y in zip(stat, before, strict=True)
+            )
+        return deltas
 
     def count(self, when: float, name: str) -> int:
         """How many processes whose name contains `name` the sample nearest `when` saw."""
-        _, seen = min(self.samples, key=lambda s: abs(s[0] - when))
+        _, seen = self._window(when, when)[0]
         return sum(name in row[0] for row in seen.values())
 
 

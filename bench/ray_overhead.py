@@ -77,9 +77,12 @@ def ray_cpu(timeline: CpuTimeline, ends: list[float], trainer: str) -> dict[str,
     GCS, the Train controller and its helper actors, idle workers), each as a share of the
     machine's CPUs; how often per second a trainer process was preempted (involuntary context
     switches, summed over its threads; per process), and how long its threads waited for a CPU
-    while runnable (seconds per second, summed over its threads; per process)."""
+    while runnable (seconds per second, summed over its threads; per process); and how many CPUs
+    its compute threads (those that ran over a quarter of the time: the training thread and its
+    OpenMP partners) held, summed over the trainer processes."""
     wall, used, switches, waits = timeline.used(ends[0], ends[-1])
     wall = max(wall, 1e-9)
+    compute = [c for c in timeline.thread_cpu(ends[0], ends[-1], trainer) if c > wall / 4]
     total = wall * cpus()
     workers = sum(v for k, v in used.items() if trainer in k)
     helpers = {
@@ -94,7 +97,15 @@ def ray_cpu(timeline: CpuTimeline, ends: list[float], trainer: str) -> dict[str,
         "ray_processes": dict(sorted(helpers.items(), key=lambda kv: -kv[1])),
         "preemptions_per_s": sum(v for k, v in switches.items() if trainer in k) / n / wall,
         "waiting_s_per_s": sum(v for k, v in waits.items() if trainer in k) / n / wall,
+        "compute_cpus": sum(compute) / wall,
     }
+
+
+def _with_cpu(rates: dict[str, Any], cpu: dict[str, Any]) -> dict[str, Any]:
+    """A run's rates and CPU use, and its epoch images per second of its compute threads' CPU
+    time (0 where the kernel keeps no per-thread run times)."""
+    per_cpu = rates["epoch_ips"] / cpu["compute_cpus"] if cpu["compute_cpus"] else 0.0
+    return {**rates, **cpu, "ips_per_cpu": per_cpu}
 
 
 def run_plain(params: Params, data: Processed) -> dict[str, Any]:
@@ -104,12 +115,11 @@ def run_plain(params: Params, data: Processed) -> dict[str, Any]:
 
     ends: list[float] = []
     start = time.time()
-    with CpuTimeline() as timeline:
+    with CpuTimeline(threads_of=CpuTimeline.DRIVER) as timeline:
         history = run_local(params, data, on_epoch=lambda *a: ends.append(time.time()))
-    return {
-        **_rates(history, ends, time.time() - start),
-        **ray_cpu(timeline, ends, CpuTimeline.DRIVER),
-    }
+    return _with_cpu(
+        _rates(history, ends, time.time() - start), ray_cpu(timeline, ends, CpuTimeline.DRIVER)
+    )
 
 
 def checkpoint_times(storage: Path) -> list[float]:
@@ -124,13 +134,13 @@ def run_on_ray(params: Params, data: Processed, scratch: Path) -> dict[str, Any]
 
     storage = Path(tempfile.mkdtemp(dir=scratch))
     start = time.time()
-    with CpuTimeline() as timeline:
+    with CpuTimeline(threads_of="RayTrainWorker") as timeline:
         history = run_ray(params, data, storage)
     wall = time.time() - start
     ends = checkpoint_times(storage)
     if len(ends) != len(history):
         raise RuntimeError(f"expected {len(history)} checkpoints in {storage}, found {len(ends)}")
-    return {**_rates(history, ends, wall), **ray_cpu(timeline, ends, "RayTrainWorker")}
+    return _with_cpu(_rates(history, ends, wall), ray_cpu(timeline, ends, "RayTrainWorker"))
 
 
 def measure(
@@ -172,7 +182,8 @@ def measure(
         summary[name] = {
             key: median(alt.values(name, key))
             for key in ("epoch_ips", "loop_ips", "epoch_s", "train_pass_s", "fixed_s", "wall_s",
-                        "worker_share", "ray_share", "preemptions_per_s", "waiting_s_per_s")
+                        "worker_share", "ray_share", "preemptions_per_s", "waiting_s_per_s",
+                        "compute_cpus", "ips_per_cpu")
         }  # fmt: skip
         procs = alt.values(name, "ray_processes")
         names = {k for p in procs for k in p}
@@ -186,9 +197,9 @@ def measure(
     round_ratios = {}
     for a, b in (("ray1", "plain"), ("ray2", "ray1")):
         if a in summary and b in summary:
-            for key in ("epoch_ips", "loop_ips"):
+            for key in ("epoch_ips", "loop_ips", "compute_cpus", "ips_per_cpu"):
                 pairs = zip(alt.values(a, key), alt.values(b, key), strict=False)
-                round_ratios[f"{a}/{b} {key}"] = [x / y for x, y in pairs]
+                round_ratios[f"{a}/{b} {key}"] = [x / y for x, y in pairs if y]
     ratios = {k: median(v) for k, v in round_ratios.items()}
     return {
         "setup": {

@@ -68,15 +68,15 @@ def test_noise_sees_other_processes_and_alternation_orders_runs():
     assert alt.values("b", "x") == [2.0, 2.0]
 
 
-def test_cpu_timeline_counts_preemptions_per_thread():
+def test_cpu_timeline_counts_preemptions_and_cpu_per_thread():
     """A thread that ends between two samples keeps the switches and waits seen before it ended
     (the training thread ends with the last epoch), and cannot cancel the other threads'."""
     timeline = common.CpuTimeline()
     worker = (7, 1.0)
     timeline.samples = [
-        (0.0, {worker: ("ray::RayTrainWorker", 1.0, {70: (100, 1.0), 71: (5, 0.0), 72: (900, 2.0)})}),
-        (5.0, {worker: ("ray::RayTrainWorker", 5.0, {70: (250, 1.5), 71: (10, 0.0), 72: (1500, 2.5)})}),
-        (10.0, {worker: ("ray::RayTrainWorker", 9.0, {70: (400, 2.0), 71: (15, 0.1), 73: (20, 0.2)})}),
+        (0.0, {worker: ("ray::RayTrainWorker", 1.0, {70: (100, 1.0, 0.5), 71: (5, 0.0, 0.0), 72: (900, 2.0, 0.5)})}),
+        (5.0, {worker: ("ray::RayTrainWorker", 5.0, {70: (250, 1.5, 4.0), 71: (10, 0.0, 0.1), 72: (1500, 2.5, 3.0)})}),
+        (10.0, {worker: ("ray::RayTrainWorker", 9.0, {70: (400, 2.0, 8.5), 71: (15, 0.1, 0.2), 73: (20, 0.2, 0.3)})}),
     ]  # fmt: skip
     wall, cpu, switches, waits = timeline.used(0.0, 10.0)
     assert wall == 10.0
@@ -85,6 +85,9 @@ def test_cpu_timeline_counts_preemptions_per_thread():
     assert switches == {"ray::RayTrainWorker": 300 + 10 + 600 + 20}
     assert waits["ray::RayTrainWorker"] == pytest.approx(1.0 + 0.1 + 0.5 + 0.2)
     assert timeline.used(0.0, 5.0)[2] == {"ray::RayTrainWorker": 150 + 5 + 600}
+    # CPU seconds per thread, counted the same way, largest first
+    assert timeline.thread_cpu(0.0, 10.0, "RayTrainWorker") == pytest.approx([8.0, 2.5, 0.3, 0.2])
+    assert timeline.thread_cpu(0.0, 10.0, "driver") == []
     assert set(common.thread_stats(os.getpid())) >= {threading.get_native_id()}
 
 
