@@ -251,7 +251,7 @@ class CpuTimeline(_Sampler):
         counts from zero; a thread that ended in between counts up to the last sample that saw it
         (a training thread ends with its last epoch, before the sample nearest the last
         checkpoint)."""
-        (t0, a), (t1, b) = self._window(start, stop)
+        (t0, a), (t1, b) = self._nearest(start), self._nearest(stop)
         cpu: dict[str, float] = {}
         for key, (name, seconds, _) in b.items():
             c0 = a[key][1] if key in a else 0.0
@@ -269,17 +269,16 @@ class CpuTimeline(_Sampler):
         deltas = self._thread_deltas(start, stop)
         return sorted((d[2] for (n, _), d in deltas.items() if name in n), reverse=True)
 
-    def _window(self, start: float, stop: float) -> tuple[tuple[float, Any], tuple[float, Any]]:
-        """The samples nearest `start` and `stop`."""
-        t0, t1 = (min(self.samples, key=lambda s: abs(s[0] - t)) for t in (start, stop))
-        return t0, t1
+    def _nearest(self, when: float) -> tuple[float, dict[tuple[int, float], _Row]]:
+        """The sample nearest `when`."""
+        return min(self.samples, key=lambda s: abs(s[0] - when))
 
     def _thread_deltas(
         self, start: float, stop: float
     ) -> dict[tuple[str, tuple[tuple[int, float], int]], tuple[float, ...]]:
         """{(process name, ((pid, create time), thread id)): the thread's (switches, waits, CPU
         seconds) between the samples t0 and t1 nearest `start` and `stop`}."""
-        (t0, a), (t1, _) = self._window(start, stop)
+        (t0, a), t1 = self._nearest(start), self._nearest(stop)[0]
         last: dict[tuple[tuple[int, float], int], tuple[int, float, float]] = {}
         names: dict[tuple[int, float], str] = {}
         for when, seen in self.samples:
@@ -297,7 +296,7 @@ class CpuTimeline(_Sampler):
 
     def count(self, when: float, name: str) -> int:
         """How many processes whose name contains `name` the sample nearest `when` saw."""
-        _, seen = self._window(when, when)[0]
+        _, seen = self._nearest(when)
         return sum(name in row[0] for row in seen.values())
 
 

@@ -199,7 +199,9 @@ def measure(
         if a in summary and b in summary:
             for key in ("epoch_ips", "loop_ips", "compute_cpus", "ips_per_cpu"):
                 pairs = zip(alt.values(a, key), alt.values(b, key), strict=False)
-                round_ratios[f"{a}/{b} {key}"] = [x / y for x, y in pairs if y]
+                values = [x / y for x, y in pairs if y]  # no CPU figures without schedstat
+                if values:
+                    round_ratios[f"{a}/{b} {key}"] = values
     ratios = {k: median(v) for k, v in round_ratios.items()}
     return {
         "setup": {

@@ -66,22 +66,28 @@ def _context(r: dict[str, Any]) -> str:
 # Items: each returns (table rows, section text)
 
 
-# Earlier full runs of item 1 on this machine kind (Intel, AMX): when, ray1/plain and ray2/ray1
-# epoch images/s, whether the training code was the one measured above (only those count in the
-# table), and how the run differed. Add a line when item 1 is re-measured.
+# Earlier full runs of item 1: when, the machine kind (`machine_kind` of its CPU), ray1/plain and
+# ray2/ray1 epoch images/s, whether the training code was the one measured above, and how the
+# run differed. Only runs of the same code on the same machine kind as this run count in the
+# table. Add a line when item 1 is re-measured.
 RAY_RUNS = [
-    ("2026-12-01 00:31 UTC", 0.784, 1.045, False, "5 rounds of 4 epochs"),
-    ("2026-12-01 02:51 UTC", 0.851, 0.946, False, "5 rounds of 4 epochs"),
-    ("2026-12-01 03:33 UTC", 1.015, 0.950, False, "5 rounds of 4 epochs"),
-    ("2026-12-01 04:02 UTC", 0.855, 0.923, False, "9 rounds of 4 epochs"),
-    ("2026-12-01 05:23 UTC", 0.939, 0.928, True, "9 rounds of 4 epochs, in the same order each "
-     "round; the ratios of the variants' medians were 0.987 and 0.820"),
-    ("2026-12-01 06:05 UTC", 0.915, 1.021, True, "7 rounds of 8 epochs"),
-    ("2026-12-02 02:04 UTC", 0.920, 0.979, True, "7 rounds of 8 epochs, the benchmark reading "
-     "every thread of every Ray process twice a second: 5% of the CPUs beside ray1, less "
-     "beside the plain loop; the compute threads' CPU ratio was 0.921, their images per CPU "
-     "second 0.992"),
+    ("2026-12-01 00:31 UTC", "Intel", 0.784, 1.045, False, "5 rounds of 4 epochs"),
+    ("2026-12-01 02:51 UTC", "Intel", 0.851, 0.946, False, "5 rounds of 4 epochs"),
+    ("2026-12-01 03:33 UTC", "Intel", 1.015, 0.950, False, "5 rounds of 4 epochs"),
+    ("2026-12-01 04:02 UTC", "Intel", 0.855, 0.923, False, "9 rounds of 4 epochs"),
+    ("2026-12-01 05:23 UTC", "Intel", 0.939, 0.928, True, "9 rounds of 4 epochs, in the same "
+     "order each round; the ratios of the variants' medians were 0.987 and 0.820"),
+    ("2026-12-01 06:05 UTC", "Intel", 0.915, 1.021, True, "7 rounds of 8 epochs"),
+    ("2026-12-02 02:04 UTC", "AMD", 0.920, 0.979, True, "7 rounds of 8 epochs, the benchmark "
+     "reading every thread of every Ray process twice a second: 5% of the CPUs beside ray1, "
+     "less beside the plain loop; the compute threads' CPU ratio was 0.921, their images per "
+     "CPU second 0.992"),
 ]  # fmt: skip
+
+
+def machine_kind(cpu: str) -> str:
+    """'AMD' or 'Intel' (the vendor in a result's machine cpu name), else the name itself."""
+    return next((k for k in ("AMD", "Intel") if k in cpu), cpu)
 
 
 def _spread(per_round: list[float]) -> str:
@@ -115,13 +121,15 @@ def item_ray(r: dict[str, Any] | None) -> tuple[list[list[str]], str]:
                 ["1. 2 workers / 1 worker", "≥ 1.0", "-", "n/a"]]  # fmt: skip
         return rows, head + _missing("ray_overhead")
     s, ratios, setup = r["summary"], r["ratios"], r["setup"]
+    kind = machine_kind(r["machine"]["cpu"])
+    comparable = [(a, b) for _, k, a, b, same, _ in RAY_RUNS if same and k == kind]
     over = ratios.get("ray1/plain epoch_ips")
     scale = ratios.get("ray2/ray1 epoch_ips")
     rows = [
         _ray_row("1. Ray Train 1 worker / plain loop (epoch images/s)", "≥ 0.98", over,
-                 TARGETS["ray_overhead"], [a for _, a, _, same, _ in RAY_RUNS if same]),
+                 TARGETS["ray_overhead"], [a for a, _ in comparable]),
         _ray_row("1. 2 workers x 1 thread / 1 worker x 2 threads", "≥ 1.0", scale,
-                 TARGETS["ray_scaling"], [b for _, _, b, same, _ in RAY_RUNS if same]),
+                 TARGETS["ray_scaling"], [b for _, b in comparable]),
     ]  # fmt: skip
     table = ["| variant | workers x threads | epoch images/s | training pass images/s | epoch s | fixed s per fit |",
              "|---|---|---|---|---|---|"]  # fmt: skip
@@ -144,13 +152,14 @@ def item_ray(r: dict[str, Any] | None) -> tuple[list[list[str]], str]:
         groups = []
         for same, label in ((False, "before the training loop kept its freed memory "
                              "(`src.train.keep_freed_memory`)"), (True, "with it")):  # fmt: skip
-            runs = [f"{when}: {a:.3f} and {b:.3f} ({what})"
-                    for when, a, b, same_code, what in RAY_RUNS if same_code == same]  # fmt: skip
+            runs = [f"{when}, {k}: {a:.3f} and {b:.3f} ({what})"
+                    for when, k, a, b, same_code, what in RAY_RUNS if same_code == same]  # fmt: skip
             if runs:
                 groups.append(f"{label}, " + "; ".join(runs))
         ratio_lines += (
-            "\n\nEarlier full runs of this item on this machine kind, ray1/plain and ray2/ray1 "
-            "epoch images/s (medians of the rounds' ratios): "
+            "\n\nEarlier full runs of this item (machine kind: Intel Xeon with AMX or AMD EPYC "
+            f"Zen 3; the table counts the {kind} ones), ray1/plain and ray2/ray1 epoch images/s "
+            "(medians of the rounds' ratios): "
             + "; ".join(groups)
             + ". The verdict in the table is this run's; between runs the ratios moved by more "
             "than the gaps they measure, so read them together."
@@ -190,13 +199,8 @@ def item_ray(r: dict[str, Any] | None) -> tuple[list[list[str]], str]:
                 "ends each op, which spins meanwhile (CPU time spent, no work done): on a "
                 "machine whose 2 cores both compute, Ray's CPU can cost up to twice its share"
             )
-        if ray1.get("compute_cpus") and plain.get("compute_cpus"):
-            held = ratios.get(
-                "ray1/plain compute_cpus", ray1["compute_cpus"] / plain["compute_cpus"]
-            )
-            per_cpu = ratios.get(
-                "ray1/plain ips_per_cpu", ray1["ips_per_cpu"] / plain["ips_per_cpu"]
-            )
+        if "ray1/plain ips_per_cpu" in ratios:
+            held, per_cpu = ratios["ray1/plain compute_cpus"], ratios["ray1/plain ips_per_cpu"]
             text += (
                 f". The worker's compute threads (the training thread and its OpenMP partner) "
                 f"held {ray1['compute_cpus']:.2f} of the {r['machine']['cores']} CPUs against "
@@ -210,8 +214,7 @@ def item_ray(r: dict[str, Any] | None) -> tuple[list[list[str]], str]:
                 if per_cpu >= 0.98
                 else ": the gap is both less CPU and less work per CPU second; a compute thread "
                 "spinning at a barrier while its partner is preempted spends CPU time on no work "
-                "(in another run, 2026-12-02 02:04 UTC, the CPU ratio was 0.921 and the work per "
-                "CPU second 0.992: how the two split moves between runs)"
+                "(how the two split moves between runs: see the earlier runs above)"
             )
         text += (
             f". Ray's extra CPU is {extra:.1f} points of the {gap:.1f}-point gap in training pass "
@@ -221,16 +224,15 @@ def item_ray(r: dict[str, Any] | None) -> tuple[list[list[str]], str]:
             ". Tried without gain: Ray's helpers at nice 19 or SCHED_IDLE, the worker's compute "
             "threads at nice 0 instead of Ray's 15, RAY_worker_niceness=0, Ray Train's metrics "
             "off and a 2 s health check, libgomp spinning 0 or 20,000 turns before sleeping at a "
-            "barrier (GOMP_SPINCOUNT), one malloc arena (MALLOC_ARENA_MAX=1), and, as a diagnosis only, Train's "
-            "controller, placement-group cleaner, dataset manager and autoscaling coordinator "
-            "stopped (SIGSTOP) during the epochs. Ray Train v2 runs the train function in a "
-            "thread of the worker, but a thread is not the cause: the same loop alternated in "
-            "short blocks between a process's main thread and a second thread ran at the same "
-            "speed (thread/main 0.97-1.04, medians of 6 runs of 12-15 pairs, 2026-12-02), and a "
-            "sampled "
-            "profile (perf, cpu-clock) of the worker's compute threads has the same hot spots in "
-            "the same shares as the plain loop's, libgomp's barrier spinning included (13.6% "
-            "against 13.5%). What is left is fixed in Ray: each Ray process's core worker checks "
+            "barrier (GOMP_SPINCOUNT), one malloc arena (MALLOC_ARENA_MAX=1), and, as a "
+            "diagnosis only, Train's controller, placement-group cleaner, dataset manager and "
+            "autoscaling coordinator stopped (SIGSTOP) during the epochs. Ray Train v2 runs the "
+            "train function in a thread of the worker, but a thread is not the cause: the same "
+            "loop alternated in short blocks between a process's main thread and a second "
+            "thread ran at the same speed (thread/main 0.97-1.04, medians of 6 runs of 12-15 "
+            "pairs, 2026-12-02, AMD EPYC), and a sampled profile (perf, cpu-clock) of the "
+            "worker's compute threads has the same hot spots in the same shares as the plain "
+            "loop's, libgomp's barrier spinning included (13.6% against 13.5%). What is left is fixed in Ray: each Ray process's core worker checks "
             "for signals every 10 ms (a hard-coded period), so the 5 helper processes Train v2 "
             "starts per run and the worker's own idle main thread cost each about 0.35% of the "
             "CPUs, and each wake-up preempts a compute thread whose partner then waits at the "
@@ -655,17 +657,27 @@ def render(results: dict[str, dict[str, Any]], intro: str = "") -> str:
     table = ["| item | target | measured | result |", "|---|---|---|---|"]
     for rows, _ in items:
         table += ["| " + " | ".join(row) + " |" for row in rows]
-    dated = [r for r in results.values() if "machine" in r]
-    any_r = max(dated, key=lambda r: r.get("measured_at", "")) if dated else None
+    dated = sorted((r for r in results.values() if "machine" in r),
+                   key=lambda r: r.get("measured_at", ""), reverse=True)  # fmt: skip
     machine = ""
-    if any_r is not None:
-        m, v = any_r["machine"], any_r["versions"]
+    if dated:
+        kinds: dict[str, list[str]] = {}  # cpu: items measured on it, newest machine first
+        for r in dated:
+            kinds.setdefault(r["machine"]["cpu"], []).append(r["item"])
+        m, v = dated[0]["machine"], dated[0]["versions"]
         machine = (
             f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, "
             f"SIMD {', '.join(m['simd'])}, GPU: {m['gpu'] or 'none'}. "
             + ", ".join(f"{k} {val}" for k, val in v.items())
             + ".\n\n"
         )
+        if len(kinds) > 1:
+            machine += (
+                "The items were measured on different machines of this project (each section "
+                "names its own): "
+                + "; ".join(f"{cpu}: {', '.join(sorted(items))}" for cpu, items in kinds.items())
+                + ".\n\n"
+            )
     return (
         "# Benchmarks\n\n"
         "Generated by `make bench` (`python -m bench.run`; parts: `--only NAME`, see "
