@@ -11,6 +11,7 @@ Usable without Ray (the benchmark's plain loop runs exactly this code with world
 Ray (only this module imports ray):
   train_loop_per_worker(config)  run_epochs inside a TorchTrainer worker; a checkpoint per epoch
   fit(...)                       TorchTrainer.fit on a local or remote cluster
+  lean_trainer(TorchTrainer)     without the Ray Train helper actors the stage does not need
   run_ray(params, processed, d)  fit from scratch, no MLflow/outputs: the benchmark's Ray path
   train_stage(params, root)      the stage: cluster, MLflow run, fit, outputs
 
@@ -909,7 +910,8 @@ def fit(
 
     fault = json.loads(os.environ[FAULT_ENV]) if os.environ.get(FAULT_ENV) else None
     per_worker = {"CPU": train.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
-    trainer = TorchTrainer(
+    trainer_cls = lean_trainer(TorchTrainer, local=not os.environ.get("RAY_ADDRESS"))
+    trainer = trainer_cls(
         train_loop_per_worker,
         train_loop_config={
             "spec": asdict(spec),
@@ -947,6 +949,40 @@ def fit(
     finally:
         if main:  # fit() leaves that handler installed, bound to a controller now gone
             signal.signal(signal.SIGINT, sigint)
+
+
+def lean_trainer(base: type, *, local: bool) -> type:
+    """`base` (Ray's TorchTrainer) without the helper actors of Ray Train v2 this stage does not
+    need: the DatasetManager (it serves Ray Data shards; the stage passes arrays through the
+    object store, never a Ray Dataset) and, on a local Ray instance (`local`: it ends with the
+    stage, and its shutdown frees every placement group), the detached PlacementGroupCleaner
+    (it frees the workers' placement group should the controller die on a long-lived cluster).
+
+    Each Ray process wakes 100 times a second, and the cleaner also queries the actor state
+    every second: on a machine whose cores all train, each wake-up preempts a compute thread
+    whose partner then waits at the next barrier. Without these two, 1 worker through Ray Train
+    trained at 0.976 of the plain loop's speed instead of 0.932 (4 rounds, 2 Intel cores; see
+    BENCHMARKS.md, item 1). Overrides the trainer's private `_create_default_callbacks` (ray is
+    pinned in constraints.txt); where Ray has no such method or callbacks, `base` is returned.
+    """
+    try:
+        from ray.train.v2._internal.callbacks import DatasetsCallback
+        from ray.train.v2._internal.callbacks.placement_group_callback import (
+            PlacementGroupCleanerCallback,
+        )
+    except ImportError:  # another Ray Train (v1, or v2 moved on): the trainer as it is
+        return base
+    if not callable(getattr(base, "_create_default_callbacks", None)):
+        return base
+    cleaner = (PlacementGroupCleanerCallback,) if local else ()
+
+    class LeanTrainer(base):  # type: ignore[misc, valid-type]
+        def _create_default_callbacks(self) -> list[Any]:
+            drop = cleaner + (() if self.datasets else (DatasetsCallback,))
+            return [c for c in super()._create_default_callbacks() if not isinstance(c, drop)]
+
+    LeanTrainer.__name__ = LeanTrainer.__qualname__ = base.__name__
+    return LeanTrainer
 
 
 def best_checkpoint(result: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:

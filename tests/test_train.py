@@ -38,9 +38,12 @@ from src.train import (
     epoch_batches,
     epoch_rows,
     evaluate,
+    lean_trainer,
     prune_runs,
     resolve_precision,
+    ray_session,
     run_local,
+    run_ray,
     split_indices,
     train_stage,
     training_split,
@@ -466,6 +469,50 @@ def test_two_worker_run_logs_one_run_and_a_model_that_reproduces(first_run):
     best = first_run["history"][saved["best_epoch"] - 1]
     assert abs(correct / count - best["val_accuracy"]) <= 1 / count
     assert saved["val_accuracy"] == pytest.approx(best["val_accuracy"])
+
+
+def test_lean_trainer_drops_only_the_helpers_a_run_does_not_need():
+    """Locally: no DatasetManager (no Ray Dataset is passed) and no PlacementGroupCleaner (the
+    local instance ends with the stage); on a cluster (RAY_ADDRESS) the cleaner stays."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    def callbacks(local: bool) -> set[str]:
+        trainer = lean_trainer(TorchTrainer, local=local)(
+            lambda config: None, scaling_config=ScalingConfig(num_workers=1),
+            run_config=RunConfig(name="lean", storage_path="/nonexistent"),
+        )  # fmt: skip
+        assert isinstance(trainer, TorchTrainer)
+        return {type(c).__name__ for c in trainer._create_default_callbacks()}
+
+    full = {type(c).__name__ for c in TorchTrainer(
+        lambda config: None, scaling_config=ScalingConfig(num_workers=1),
+        run_config=RunConfig(name="full", storage_path="/nonexistent"),
+    )._create_default_callbacks()}  # fmt: skip
+    assert {"DatasetsCallback", "PlacementGroupCleanerCallback"} <= full
+    assert callbacks(local=True) == full - {"DatasetsCallback", "PlacementGroupCleanerCallback"}
+    assert callbacks(local=False) == full - {"DatasetsCallback"}
+
+
+@pytest.mark.timeout(300)
+def test_local_fit_starts_only_the_ray_train_actors_it_needs(base_project, tmp_path, clean_env):
+    """A real 1-worker fit on a local Ray instance: trains, and Ray's actor table (which keeps
+    finished actors) holds the controller, the worker and the synchronisation actor, but no
+    DatasetManager or PlacementGroupCleaner (src.train.lean_trainer)."""
+    import ray._private.state
+
+    from src.preprocess import load_processed
+
+    params = parse_params(
+        deep_update(yaml.safe_load((base_project / "params.yaml").read_text()),
+                    {"train": {"epochs": 1, "num_workers": 1}})
+    )  # fmt: skip
+    with ray_session():
+        history = run_ray(params, load_processed(base_project / "data/processed"), tmp_path)
+        classes = {a["ActorClassName"] for a in ray._private.state.actors().values()}
+    assert [e["epoch"] for e in history] == [1]
+    assert {"TrainController", "RayTrainWorker", "SynchronizationActor"} <= classes, classes
+    assert not {"DatasetManager", "PlacementGroupCleaner"} & classes, classes
 
 
 @pytest.mark.slow
