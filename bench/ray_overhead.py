@@ -1,7 +1,9 @@
 """Item 1: the training loop through Ray Train (the train stage's own code: `src.train.run_ray`,
 TorchTrainer + per-epoch report and checkpoint) against the plain single-process loop
 (`src.train.run_local`) on the same model, data, global batch and thread count; and 2 workers x
-1 thread against 1 worker x 2 threads.
+1 thread against 1 worker x 2 threads. plain2 runs the 2 workers' DDP loop without Ray (2 processes
+joined by torch.distributed alone): ray2/plain2 is what Ray costs 2 workers, plain2/plain what
+DDP over 2 processes gains or loses on its own.
 
 Throughput is per epoch, excluding Ray's start-up (reported separately):
   epoch_ips  training images / wall time between consecutive epoch ends (epochs 2..E), i.e. the
@@ -9,16 +11,20 @@ Throughput is per epoch, excluding Ray's start-up (reported separately):
              on_epoch call; Ray: the modification time of each epoch's persisted checkpoint.
   loop_ips   the training pass alone (history's images_per_sec, epochs 2..E).
   fixed_s    fit wall time minus E epochs at the median epoch time (start-up and shutdown).
-Variants run in turn, plain ray1 ray2 ray2 ray1 plain plain ... (every other round reversed), each
-in a fresh Ray instance (`ray_session`; the plain loop beside an idle one), as each train stage
-starts its own: a long-lived instance grows busier with every fit (its log monitor scans every
-finished worker's log files, and Train's autoscaling coordinator, a detached actor, stays).
+Variants run in turn, plain ray1 ray2 plain2 plain2 ray2 ray1 plain ... (every other round
+reversed), each in a fresh Ray instance (`ray_session`; the plain loops beside an idle one), as
+each train stage starts its own: a long-lived instance grows busier with every fit (its log
+monitor scans every finished worker's log files, and Train's autoscaling coordinator, a detached
+actor, stays).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
+import multiprocessing
+import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -35,7 +41,9 @@ VARIANTS = {  # name: (workers, threads per worker)
     "plain": (1, 2),
     "ray1": (1, 2),
     "ray2": (2, 1),
+    "plain2": (2, 1),  # ray2's DDP loop in 2 processes of torch.distributed (gloo), no Ray
 }
+PLAIN_DDP = "plain-ddp"  # the process name of plain2's processes (at most 15 characters)
 
 
 def subset(processed: Processed, n: int) -> Processed:
@@ -138,6 +146,71 @@ def run_plain(params: Params, data: Processed) -> dict[str, Any]:
     return {**_with_cpu(_rates(history, ends, wall), cpu), **up}
 
 
+def _set_process_name(name: str) -> None:
+    """This process's name as ps and psutil show it (Linux; elsewhere nothing changes)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+
+
+def _plain_ddp_rank(rank: int, params: Params, data: Processed, address: str, out: Any) -> None:
+    """One rank of plain2: the Ray worker's loop (`run_epochs` over DDP with the same options,
+    `src.train.ddp_options`) in a process of its own, joined by torch.distributed (gloo) alone.
+    Rank 0 puts (history, epoch end times) on `out`."""
+    import functools
+
+    import torch
+    import torch.distributed as dist
+
+    from src.train import Comm, ddp_options, loop_spec, make_loop, run_epochs
+
+    _set_process_name(PLAIN_DDP)
+    world, device = params.train.num_workers, torch.device("cpu")
+    torch.set_num_threads(params.train.cpus_per_worker)
+    dist.init_process_group("gloo", init_method=address, rank=rank, world_size=world)
+    try:
+        comm = Comm(rank, world, device)
+        wrap = functools.partial(torch.nn.parallel.DistributedDataParallel, **ddp_options())
+        images, labels = np.array(data.train_images), np.array(data.train_labels)
+        loop = make_loop(loop_spec(params, data.meta), images, labels, comm, device, wrap=wrap)
+        ends: list[float] = []
+        history = run_epochs(loop, comm, on_epoch=lambda *a: ends.append(time.time()))
+        if rank == 0:
+            out.put((history, ends))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_plain_ddp(params: Params, data: Processed) -> dict[str, Any]:
+    """One plain2 run (train.num_workers processes, spawned) beside a fresh, idle Ray instance:
+    its rates and CPU use, as for the others; its fixed time includes the processes' start."""
+    ctx = multiprocessing.get_context("spawn")
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        address = f"tcp://127.0.0.1:{sock.getsockname()[1]}"
+    out = ctx.Queue()
+    with fresh_ray() as up:
+        start = time.time()
+        with CpuTimeline(threads_of=PLAIN_DDP) as timeline:
+            procs = [
+                ctx.Process(target=_plain_ddp_rank, args=(r, params, data, address, out))
+                for r in range(params.train.num_workers)
+            ]
+            for proc in procs:
+                proc.start()
+            try:
+                history, ends = out.get(timeout=3600)
+            finally:
+                for proc in procs:
+                    proc.join(timeout=60)
+                    if proc.is_alive():
+                        proc.kill()
+        wall = time.time() - start
+    if any(proc.exitcode != 0 for proc in procs):
+        raise RuntimeError(f"plain2: exit codes {[proc.exitcode for proc in procs]}")
+    cpu = ray_cpu(timeline, ends, PLAIN_DDP)
+    return {**_with_cpu(_rates(history, ends, wall), cpu), **up}
+
+
 def checkpoint_times(storage: Path) -> list[float]:
     """When each epoch's checkpoint was persisted (Ray reports them in epoch order)."""
     files = sorted(storage.glob("*/checkpoint_*/state.pt"), key=lambda p: p.stat().st_mtime)
@@ -186,6 +259,8 @@ def measure(
     for name in variants:
         if name == "plain":
             fns[name] = lambda p=params[name]: run_plain(p, data)
+        elif name == "plain2":
+            fns[name] = lambda p=params[name]: run_plain_ddp(p, data)
         else:
             fns[name] = lambda p=params[name]: run_on_ray(p, data, scratch)
     alt = Alternation(fns, rounds=rounds, noise_limit=noise_limit, log=log)
@@ -209,7 +284,7 @@ def measure(
     # each ratio is the median of the rounds' ratios: a variant is compared with its neighbour
     # in time, so a slow stretch of this shared machine weighs on both sides of a ratio
     round_ratios = {}
-    for a, b in (("ray1", "plain"), ("ray2", "ray1")):
+    for a, b in (("ray1", "plain"), ("ray2", "ray1"), ("plain2", "plain"), ("ray2", "plain2")):
         if a in summary and b in summary:
             for key in ("epoch_ips", "loop_ips", "compute_cpus", "ips_per_cpu"):
                 pairs = zip(alt.values(a, key), alt.values(b, key), strict=False)

@@ -139,6 +139,12 @@ def item_ray(r: dict[str, Any] | None) -> tuple[list[list[str]], str]:
         _ray_row("1. 2 workers x 1 thread / 1 worker x 2 threads", "≥ 1.0", scale,
                  TARGETS["ray_scaling"], [b for _, b in comparable]),
     ]  # fmt: skip
+    for key, name in (
+        ("plain2/plain", "1. (context) 2 DDP processes without Ray / plain loop"),
+        ("ray2/plain2", "1. (context) Ray Train 2 workers / the same without Ray"),
+    ):
+        if f"{key} epoch_ips" in ratios:
+            rows.append([name, "reported", f"{ratios[f'{key} epoch_ips']:.3f}", "n/a"])
     table = ["| variant | workers x threads | epoch images/s | training pass images/s | epoch s | fixed s per fit |",
              "|---|---|---|---|---|---|"]  # fmt: skip
     for name, v in s.items():
@@ -178,6 +184,12 @@ def item_ray(r: dict[str, Any] | None) -> tuple[list[list[str]], str]:
         ("ray2", "ray1"): f"each of the 2 DDP workers computes half of each batch of {batch} on 1 "
         "thread and all-reduces the gradients every step (gloo), where the single worker splits "
         "the same batch over 2 threads with no exchange",
+        ("plain2", "plain"): "plain2 is ray2's loop without Ray: 2 processes, each computing half "
+        f"of each batch of {batch} on 1 thread and all-reducing the gradients every step (gloo), "
+        "against one process splitting each op over 2 threads: what DDP over 2 processes gains "
+        "or loses on these 2 cores before Ray adds anything",
+        ("ray2", "plain2"): "the same DDP loop on 2 processes either way; Ray adds its processes "
+        "beside the workers and a report and checkpoint per epoch: what Ray costs 2 workers",
     }
     if "ray_share" in s.get("ray1", {}) and "ray_share" in s.get("plain", {}):
         ray1, plain = s["ray1"], s["plain"]

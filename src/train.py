@@ -669,13 +669,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             state = load_state(Path(folder) / STATE_FILE)
     history = state["history"] if state is not None else []
     comm = Comm(rank, world, device)
-    # DDP's per-step broadcast of rank 0's BatchNorm buffers is one more collective each step
-    # for nothing: only rank 0's buffers are ever used (validated and saved) and they are its
-    # own either way; run_epochs copies them to every rank once per epoch instead.
-    wrap = functools.partial(
-        ray.train.torch.prepare_model,
-        parallel_strategy_kwargs={**no_buffer_sync(), "gradient_as_bucket_view": True},
-    )
+    wrap = functools.partial(ray.train.torch.prepare_model, parallel_strategy_kwargs=ddp_options())
     loop = make_loop(spec, images, labels, comm, device, state=state, wrap=wrap)
     if rank == 0:
         print(f"{world} worker(s) on {device.type}, precision {loop.precision}", flush=True)
@@ -702,6 +696,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             fault.fire(rank, epoch, "mid")
 
     run_epochs(loop, comm, history, on_epoch=on_epoch, on_step=on_step)
+
+
+def ddp_options() -> dict[str, bool]:
+    """The workers' DistributedDataParallel options. DDP's per-step broadcast of rank 0's
+    BatchNorm buffers is one more collective each step for nothing: only rank 0's buffers are
+    ever used (validated and saved) and they are its own either way; run_epochs copies them to
+    every rank once per epoch instead. Gradients are views into DDP's buckets (no copy)."""
+    return {**no_buffer_sync(), "gradient_as_bucket_view": True}
 
 
 def no_buffer_sync() -> dict[str, bool]:

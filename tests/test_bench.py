@@ -126,11 +126,14 @@ def test_ray_overhead_smoke(plain_data, tmp_path):
         tmp_path,
         epochs=2,
         rounds=1,
-        variants=("plain", "ray2"),
+        variants=("plain", "ray2", "plain2"),
         noise_limit=1.0,
     )
     saved("ray_overhead", result)
-    assert set(result["summary"]) == {"plain", "ray2"}
+    assert set(result["summary"]) == {"plain", "ray2", "plain2"}
+    assert set(result["ratios"]) >= {"ray2/plain2 epoch_ips", "plain2/plain epoch_ips"}
+    plain2 = next(r for r in result["runs"] if r["variant"] == "plain2")
+    assert plain2["val_accuracy"] > 0 and plain2["ray_init_s"] > 0
     assert all(r["epoch_ips"] > 0 and r["loop_ips"] > 0 for r in result["runs"])
 
 
