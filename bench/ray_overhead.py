@@ -146,10 +146,42 @@ def run_plain(params: Params, data: Processed) -> dict[str, Any]:
     return {**_with_cpu(_rates(history, ends, wall), cpu), **up}
 
 
+def model_parameters(params: Params, data: Processed) -> int:
+    """How many parameters (and so gradient values each DDP step all-reduces) the model has."""
+    from src.model import CNN, CNNConfig
+    from src.train import loop_spec
+
+    net = CNN(CNNConfig(**loop_spec(params, data.meta).model))
+    return sum(p.numel() for p in net.parameters())
+
+
 def _set_process_name(name: str) -> None:
     """This process's name as ps and psutil show it (Linux; elsewhere nothing changes)."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None).prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+
+
+def _run_ranks(target: Any, world: int, *args: Any) -> Any:
+    """Run `target(rank, *args, address, out)` in `world` spawned processes that meet at a free
+    local port (`address`, for torch.distributed); return what rank 0 puts on `out`."""
+    ctx = multiprocessing.get_context("spawn")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        address = f"tcp://127.0.0.1:{sock.getsockname()[1]}"
+    out = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(r, *args, address, out)) for r in range(world)]
+    for proc in procs:
+        proc.start()
+    try:
+        result = out.get(timeout=3600)
+    finally:
+        for proc in procs:
+            proc.join(timeout=60)
+            if proc.is_alive():
+                proc.kill()
+    if any(proc.exitcode != 0 for proc in procs):
+        raise RuntimeError(f"{target.__name__}: exit codes {[p.exitcode for p in procs]}")
+    return result
 
 
 def _plain_ddp_rank(rank: int, params: Params, data: Processed, address: str, out: Any) -> None:
@@ -183,32 +215,42 @@ def _plain_ddp_rank(rank: int, params: Params, data: Processed, address: str, ou
 def run_plain_ddp(params: Params, data: Processed) -> dict[str, Any]:
     """One plain2 run (train.num_workers processes, spawned) beside a fresh, idle Ray instance:
     its rates and CPU use, as for the others; its fixed time includes the processes' start."""
-    ctx = multiprocessing.get_context("spawn")
-    with socket.socket() as sock:  # a free port for the rendezvous
-        sock.bind(("127.0.0.1", 0))
-        address = f"tcp://127.0.0.1:{sock.getsockname()[1]}"
-    out = ctx.Queue()
     with fresh_ray() as up:
         start = time.time()
         with CpuTimeline(threads_of=PLAIN_DDP) as timeline:
-            procs = [
-                ctx.Process(target=_plain_ddp_rank, args=(r, params, data, address, out))
-                for r in range(params.train.num_workers)
-            ]
-            for proc in procs:
-                proc.start()
-            try:
-                history, ends = out.get(timeout=3600)
-            finally:
-                for proc in procs:
-                    proc.join(timeout=60)
-                    if proc.is_alive():
-                        proc.kill()
+            history, ends = _run_ranks(_plain_ddp_rank, params.train.num_workers, params, data)
         wall = time.time() - start
-    if any(proc.exitcode != 0 for proc in procs):
-        raise RuntimeError(f"plain2: exit codes {[proc.exitcode for proc in procs]}")
     cpu = ray_cpu(timeline, ends, PLAIN_DDP)
     return {**_with_cpu(_rates(history, ends, wall), cpu), **up}
+
+
+def _allreduce_rank(rank: int, numel: int, calls: int, address: str, out: Any) -> None:
+    """One rank of `allreduce_seconds`; rank 0 puts the median seconds of a call on `out`."""
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=address, rank=rank, world_size=2)
+    try:
+        grads = torch.ones(numel)
+        for _ in range(10):  # warm-up: connections, buffers
+            dist.all_reduce(grads)
+        seconds = []
+        for _ in range(calls):
+            dist.barrier()
+            start = time.perf_counter()
+            dist.all_reduce(grads)
+            seconds.append(time.perf_counter() - start)
+        if rank == 0:
+            out.put(median(seconds))
+    finally:
+        dist.destroy_process_group()
+
+
+def allreduce_seconds(numel: int, calls: int = 200) -> float:
+    """Median seconds of one all_reduce of `numel` float32 (a step's gradients) between 2
+    processes on this machine (gloo, 1 thread each), nothing else running in them."""
+    return _run_ranks(_allreduce_rank, 2, numel, calls)
 
 
 def checkpoint_times(storage: Path) -> list[float]:
@@ -266,6 +308,8 @@ def measure(
     alt = Alternation(fns, rounds=rounds, noise_limit=noise_limit, log=log)
     runs = alt.run()
     ceiling = cpu_scaling()
+    gradients = model_parameters(params["ray2"], data)
+    allreduce = {"parameters": gradients, "seconds": allreduce_seconds(gradients)}
     summary: dict[str, Any] = {}
     for name in variants:
         summary[name] = {
@@ -308,6 +352,7 @@ def measure(
         "ratios": ratios,
         "round_ratios": round_ratios,
         "machine_scaling": ceiling,
+        "allreduce": allreduce,
         "runs": [
             {
                 "variant": m.variant,

@@ -89,6 +89,11 @@ RAY_RUNS = [
      "CPU second 0.992"),
     ("2026-12-02 02:39 UTC", "AMD", 0.861, 0.973, 1, "7 rounds of 8 epochs; the compute "
      "threads' CPU ratio was 0.934, their images per CPU second 0.930"),
+    ("2026-12-02 07:05 UTC", "Intel", 0.940, 0.947, 2, "7 rounds of 8 epochs, all in one Ray "
+     "instance: ray1/plain fell from 0.98-1.00 in the first 2 rounds to 0.91 in the last as "
+     "the instance's log monitor grew busier (0.5% of the CPUs, then 1.2%)"),
+    ("2026-12-02 07:21 UTC", "Intel", 0.955, 0.959, 2, "7 rounds of 8 epochs, a fresh Ray "
+     "instance per run, no plain2"),
 ]  # fmt: skip
 
 
@@ -119,6 +124,31 @@ def _ray_row(
         other = "pass" if not passed else "FAIL"
         result += f" in this run; {other} in {disagree} of {len(earlier)} earlier"
     return [name, target, measured, result]
+
+
+def _allreduce_text(r: dict[str, Any], batch: int) -> str:
+    """How long a step's all-reduce takes alone against plain2's step, where both were measured."""
+    ar, p2 = r.get("allreduce"), r["summary"].get("plain2")
+    if not ar or not p2:
+        return ""
+    step = batch / p2["loop_ips"]  # seconds per global batch of the 2 processes
+    return (
+        f". An all-reduce of the model's {ar['parameters']:,} gradients "
+        f"({ar['parameters'] * 4 / 2**20:.1f} MiB of float32) between 2 processes (gloo, "
+        f"nothing else running{', measured right after the run' if 'note' in ar else ''}) "
+        f"takes {ar['seconds'] * 1e3:.2f} ms, {ar['seconds'] / step:.1%} of "
+        f"plain2's step of {step * 1e3:.1f} ms"
+    ) + (
+        f". plain2's compute threads held {p2['compute_cpus']:.2f} CPUs against "
+        f"{plain['compute_cpus']:.2f} for the plain loop's and trained "
+        f"{p2['ips_per_cpu'] / plain['ips_per_cpu']:.3f} times its images per CPU second (one "
+        "thread a process: no OpenMP barriers): the 2 processes lose time waiting for each other "
+        "at every step's all-reduce (the slower sets the pace; one preempted holds up the other)"
+        if (plain := r["summary"].get("plain"))
+        and p2.get("compute_cpus")
+        and plain.get("ips_per_cpu")
+        else ""
+    )
 
 
 def item_ray(r: dict[str, Any] | None) -> tuple[list[list[str]], str]:
@@ -187,10 +217,19 @@ def item_ray(r: dict[str, Any] | None) -> tuple[list[list[str]], str]:
         ("plain2", "plain"): "plain2 is ray2's loop without Ray: 2 processes, each computing half "
         f"of each batch of {batch} on 1 thread and all-reducing the gradients every step (gloo), "
         "against one process splitting each op over 2 threads: what DDP over 2 processes gains "
-        "or loses on these 2 cores before Ray adds anything",
+        "or loses on these 2 cores before Ray adds anything" + _allreduce_text(r, batch),
         ("ray2", "plain2"): "the same DDP loop on 2 processes either way; Ray adds its processes "
         "beside the workers and a report and checkpoint per epoch: what Ray costs 2 workers",
     }
+    if "plain2/plain epoch_ips" in ratios and "ray2/plain2 epoch_ips" in ratios:
+        why[("ray2", "ray1")] += (
+            ". plain2 (below) splits the gap: without Ray, DDP over 2 processes trains at "
+            f"{ratios['plain2/plain epoch_ips']:.3f} of the plain loop's speed on these 2 cores "
+            "(its all-reduce), and Ray costs the 2 workers "
+            f"{1 - ratios['ray2/plain2 epoch_ips']:.1%} as it costs the 1 worker "
+            f"{1 - ratios['ray1/plain epoch_ips']:.1%}: 2 workers could beat 1 only with an "
+            "all-reduce cheaper than gloo's over TCP here"
+        )
     if "ray_share" in s.get("ray1", {}) and "ray_share" in s.get("plain", {}):
         ray1, plain = s["ray1"], s["plain"]
         top = ", ".join(f"{k} {v:.1%}" for k, v in list(ray1["ray_processes"].items())[:5])
@@ -199,7 +238,7 @@ def item_ray(r: dict[str, Any] | None) -> tuple[list[list[str]], str]:
         text = (
             f"both run the same training pass code on 2 threads. During ray1's epochs Ray's own "
             f"processes used {ray1['ray_share']:.1%} of the CPUs (largest: {top}) against "
-            f"{plain['ray_share']:.1%} beside the plain loop (the same instance, idle); the "
+            f"{plain['ray_share']:.1%} beside the plain loop (an idle instance); the "
             f"worker used {ray1['worker_share']:.1%}"
         )
         if "preemptions_per_s" in ray1 and "preemptions_per_s" in plain:
@@ -277,7 +316,11 @@ def item_ray(r: dict[str, Any] | None) -> tuple[list[list[str]], str]:
             "through Ray Train went from 0.932 to 0.976 of the plain loop's training pass "
             "images/s, faster in each of 4 alternated rounds of 10 epochs (2026-12-02, Intel "
             "Xeon; stopping those actors with SIGSTOP during the epochs, the earlier diagnosis, "
-            "had shown no gain within that run's noise)"
+            "had shown no gain within that run's noise). Tried since without gain (3 alternated "
+            "rounds each, fresh Ray instances, 2026-12-02, Intel Xeon): the controller polling "
+            "its workers every 2 s instead of 0.5 s, and Train's autoscaling coordinator left "
+            "out too (it forwards resource requests to a cluster autoscaler): 0.953 and 0.918 "
+            "of the plain loop against 0.960 for the stage's setting"
         )
         why[("ray1", "plain")] = text
     for (a, b), reason in why.items():
@@ -300,7 +343,7 @@ def item_ray(r: dict[str, Any] | None) -> tuple[list[list[str]], str]:
         "`src.train.run_ray`, the stage's TorchTrainer with a report and a checkpoint per epoch. "
         f"Same model (params.yaml's), global batch {setup['batch_size']}, Fashion-MNIST "
         f"{setup['rows']:,} rows of {setup['image_size']}x{setup['image_size']}, {setup['epochs']} "
-        f"epochs per run, {setup['rounds']} rounds alternating plain, ray1, ray2"
+        f"epochs per run, {setup['rounds']} rounds alternating {', '.join(s)}"
         + (f" ({setup['order']})" if "order" in setup else "")
         + (", each run in a fresh Ray instance (the plain loop beside an idle one), as each "
            "train stage starts its own (a long-lived instance grows busier with every fit: its "
