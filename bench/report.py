@@ -226,9 +226,13 @@ def item_ray(r: dict[str, Any] | None) -> tuple[list[list[str]], str]:
             ". plain2 (below) splits the gap: without Ray, DDP over 2 processes trains at "
             f"{ratios['plain2/plain epoch_ips']:.3f} of the plain loop's speed on these 2 cores "
             "(its all-reduce), and Ray costs the 2 workers "
-            f"{1 - ratios['ray2/plain2 epoch_ips']:.1%} as it costs the 1 worker "
-            f"{1 - ratios['ray1/plain epoch_ips']:.1%}: 2 workers could beat 1 only with an "
-            "all-reduce cheaper than gloo's over TCP here"
+            f"{1 - ratios['ray2/plain2 epoch_ips']:.1%}"
+            + (
+                f" as it costs the 1 worker {1 - ratios['ray1/plain epoch_ips']:.1%}"
+                if "ray1/plain epoch_ips" in ratios
+                else ""
+            )
+            + ": 2 workers could beat 1 only with an all-reduce cheaper than gloo's over TCP here"
         )
     if "ray_share" in s.get("ray1", {}) and "ray_share" in s.get("plain", {}):
         ray1, plain = s["ray1"], s["plain"]
