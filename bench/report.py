@@ -217,7 +217,15 @@ def item_ray(r: dict[str, Any] | None) -> tuple[list[list[str]], str]:
         ("plain2", "plain"): "plain2 is ray2's loop without Ray: 2 processes, each computing half "
         f"of each batch of {batch} on 1 thread and all-reducing the gradients every step (gloo), "
         "against one process splitting each op over 2 threads: what DDP over 2 processes gains "
-        "or loses on these 2 cores before Ray adds anything" + _allreduce_text(r, batch),
+        "or loses on these 2 cores before Ray adds anything"
+        + _allreduce_text(r, batch)
+        + ". In place the all-reduce costs far more than alone: 2 processes that skip it (each "
+        "training its half of each batch on its own; a diagnosis, their models drift apart) "
+        "trained at 1.156 of the plain loop's speed, against 0.936 with it (3 alternated rounds "
+        "of 10 epochs, 2026-12-02, Intel Xeon): about 6.7 ms a step where it takes 2.5 ms "
+        "alone. Halving its bytes did not help: DDP's fp16 compression hook made plain2 slower "
+        "(0.923 against 0.966 of the plain loop; the bf16 hook needs CUDA). A cheaper "
+        "all-reduce on one host (shared memory instead of TCP) is what 2 workers lack here",
         ("ray2", "plain2"): "the same DDP loop on 2 processes either way; Ray adds its processes "
         "beside the workers and a report and checkpoint per epoch: what Ray costs 2 workers",
     }
