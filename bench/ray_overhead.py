@@ -27,7 +27,7 @@ import multiprocessing
 import socket
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -120,30 +120,36 @@ def _with_cpu(rates: dict[str, Any], cpu: dict[str, Any]) -> dict[str, Any]:
     return {**rates, **cpu, "ips_per_cpu": per_cpu}
 
 
-@contextlib.contextmanager
-def fresh_ray() -> Iterator[dict[str, float]]:
-    """A Ray instance of its own for one run, started as the stage starts one (`ray_session`);
-    yields {"ray_init_s": its start-up time}."""
+def _measured(
+    trainer: str, train: Callable[[], tuple[list[dict[str, Any]], list[float]]]
+) -> dict[str, Any]:
+    """One run in a Ray instance of its own, started as the stage starts one (`ray_session`):
+    `train()` returns (history, epoch end times); its rates (see the module docstring), who used
+    the CPUs meanwhile (`ray_cpu`, the `trainer` processes against the rest) and the instance's
+    start-up time (ray_init_s, not in the rates)."""
     from src.train import ray_session
 
     start = time.time()
     with ray_session():
-        yield {"ray_init_s": time.time() - start}
+        ray_init_s = time.time() - start
+        start = time.time()
+        with CpuTimeline(threads_of=trainer) as timeline:
+            history, ends = train()
+        wall = time.time() - start
+    cpu = ray_cpu(timeline, ends, trainer)
+    return {**_with_cpu(_rates(history, ends, wall), cpu), "ray_init_s": ray_init_s}
 
 
 def run_plain(params: Params, data: Processed) -> dict[str, Any]:
-    """One plain-loop run beside a fresh, idle Ray instance: its rates (see the module
-    docstring), and the CPU share the idle instance took."""
+    """One plain-loop run beside a fresh, idle Ray instance (`_measured`)."""
     from src.train import run_local
 
-    ends: list[float] = []
-    with fresh_ray() as up:
-        start = time.time()
-        with CpuTimeline(threads_of=CpuTimeline.DRIVER) as timeline:
-            history = run_local(params, data, on_epoch=lambda *a: ends.append(time.time()))
-        wall = time.time() - start
-    cpu = ray_cpu(timeline, ends, CpuTimeline.DRIVER)
-    return {**_with_cpu(_rates(history, ends, wall), cpu), **up}
+    def train() -> tuple[list[dict[str, Any]], list[float]]:
+        ends: list[float] = []
+        history = run_local(params, data, on_epoch=lambda *a: ends.append(time.time()))
+        return history, ends
+
+    return _measured(CpuTimeline.DRIVER, train)
 
 
 def model_parameters(params: Params, data: Processed) -> int:
@@ -213,15 +219,11 @@ def _plain_ddp_rank(rank: int, params: Params, data: Processed, address: str, ou
 
 
 def run_plain_ddp(params: Params, data: Processed) -> dict[str, Any]:
-    """One plain2 run (train.num_workers processes, spawned) beside a fresh, idle Ray instance:
-    its rates and CPU use, as for the others; its fixed time includes the processes' start."""
-    with fresh_ray() as up:
-        start = time.time()
-        with CpuTimeline(threads_of=PLAIN_DDP) as timeline:
-            history, ends = _run_ranks(_plain_ddp_rank, params.train.num_workers, params, data)
-        wall = time.time() - start
-    cpu = ray_cpu(timeline, ends, PLAIN_DDP)
-    return {**_with_cpu(_rates(history, ends, wall), cpu), **up}
+    """One plain2 run (train.num_workers processes, spawned) beside a fresh, idle Ray instance
+    (`_measured`); its fixed time includes the processes' start."""
+    return _measured(
+        PLAIN_DDP, lambda: _run_ranks(_plain_ddp_rank, params.train.num_workers, params, data)
+    )
 
 
 def _allreduce_rank(rank: int, numel: int, calls: int, address: str, out: Any) -> None:
@@ -265,16 +267,17 @@ def run_on_ray(params: Params, data: Processed, scratch: Path) -> dict[str, Any]
     from src.train import run_ray
 
     storage = Path(tempfile.mkdtemp(dir=scratch))
-    with fresh_ray() as up:
-        start = time.time()
-        with CpuTimeline(threads_of="RayTrainWorker") as timeline:
-            history = run_ray(params, data, storage)
-        wall = time.time() - start
-    ends = checkpoint_times(storage)
-    if len(ends) != len(history):
-        raise RuntimeError(f"expected {len(history)} checkpoints in {storage}, found {len(ends)}")
-    cpu = ray_cpu(timeline, ends, "RayTrainWorker")
-    return {**_with_cpu(_rates(history, ends, wall), cpu), **up}
+
+    def train() -> tuple[list[dict[str, Any]], list[float]]:
+        history = run_ray(params, data, storage)
+        ends = checkpoint_times(storage)
+        if len(ends) != len(history):
+            raise RuntimeError(
+                f"expected {len(history)} checkpoints in {storage}, found {len(ends)}"
+            )
+        return history, ends
+
+    return _measured("RayTrainWorker", train)
 
 
 def measure(

@@ -128,27 +128,27 @@ def _ray_row(
 
 def _allreduce_text(r: dict[str, Any], batch: int) -> str:
     """How long a step's all-reduce takes alone against plain2's step, where both were measured."""
-    ar, p2 = r.get("allreduce"), r["summary"].get("plain2")
+    ar, p2, plain = r.get("allreduce"), r["summary"].get("plain2"), r["summary"].get("plain")
     if not ar or not p2:
         return ""
     step = batch / p2["loop_ips"]  # seconds per global batch of the 2 processes
-    return (
+    when = f", {ar['note']}" if ar.get("note") else ""
+    text = (
         f". An all-reduce of the model's {ar['parameters']:,} gradients "
         f"({ar['parameters'] * 4 / 2**20:.1f} MiB of float32) between 2 processes (gloo, "
-        f"nothing else running{', measured right after the run' if 'note' in ar else ''}) "
-        f"takes {ar['seconds'] * 1e3:.2f} ms, {ar['seconds'] / step:.1%} of "
-        f"plain2's step of {step * 1e3:.1f} ms"
-    ) + (
-        f". plain2's compute threads held {p2['compute_cpus']:.2f} CPUs against "
-        f"{plain['compute_cpus']:.2f} for the plain loop's and trained "
-        f"{p2['ips_per_cpu'] / plain['ips_per_cpu']:.3f} times its images per CPU second (one "
-        "thread a process: no OpenMP barriers): the 2 processes lose time waiting for each other "
-        "at every step's all-reduce (the slower sets the pace; one preempted holds up the other)"
-        if (plain := r["summary"].get("plain"))
-        and p2.get("compute_cpus")
-        and plain.get("ips_per_cpu")
-        else ""
+        f"nothing else running{when}) takes {ar['seconds'] * 1e3:.2f} ms, "
+        f"{ar['seconds'] / step:.1%} of plain2's step of {step * 1e3:.1f} ms"
     )
+    if plain and p2.get("compute_cpus") and plain.get("ips_per_cpu"):
+        text += (
+            f". plain2's compute threads held {p2['compute_cpus']:.2f} CPUs against "
+            f"{plain['compute_cpus']:.2f} for the plain loop's and trained "
+            f"{p2['ips_per_cpu'] / plain['ips_per_cpu']:.3f} times its images per CPU second "
+            "(one thread a process: no OpenMP barriers): the 2 processes lose time waiting for "
+            "each other at every step's all-reduce (the slower sets the pace; one preempted "
+            "holds up the other)"
+        )
+    return text
 
 
 def item_ray(r: dict[str, Any] | None) -> tuple[list[list[str]], str]:
@@ -158,6 +158,7 @@ def item_ray(r: dict[str, Any] | None) -> tuple[list[list[str]], str]:
                 ["1. 2 workers / 1 worker", "≥ 1.0", "-", "n/a"]]  # fmt: skip
         return rows, head + _missing("ray_overhead")
     s, ratios, setup = r["summary"], r["ratios"], r["setup"]
+    fresh = setup.get("ray_instance") == "fresh per run"
     kind = machine_kind(r["machine"]["cpu"])
     now = len(RAY_CODE) - 1
     comparable = [(a, b) for _, k, a, b, code, _ in RAY_RUNS if code == now and k == kind]
@@ -357,16 +358,15 @@ def item_ray(r: dict[str, Any] | None) -> tuple[list[list[str]], str]:
         f"{setup['rows']:,} rows of {setup['image_size']}x{setup['image_size']}, {setup['epochs']} "
         f"epochs per run, {setup['rounds']} rounds alternating {', '.join(s)}"
         + (f" ({setup['order']})" if "order" in setup else "")
-        + (", each run in a fresh Ray instance (the plain loop beside an idle one), as each "
+        + (", each run in a fresh Ray instance (the plain loops beside an idle one), as each "
            "train stage starts its own (a long-lived instance grows busier with every fit: its "
            "log monitor scans every finished worker's log files)"
-           if setup.get("ray_instance") == "fresh per run" else " in one Ray instance")
+           if fresh else " in one Ray instance")
         + ". *Epoch images/s* = training images over the wall time between consecutive epoch "
         "ends (epochs 2..E: training pass + validation + Ray's report and checkpoint; for Ray, the "
         "persisted checkpoints' times); *training pass* excludes validation and reporting; "
         "*fixed s per fit* = fit wall time minus E epochs (worker group start-up and shutdown; "
-        + ("Ray's own start-up, not in it, took" if setup.get("ray_instance") == "fresh per run"
-           else "Ray itself was started once, in")
+        + ("Ray's own start-up, not in it, took" if fresh else "Ray itself was started once, in")
         + f" {setup['ray_init_s']:.1f} s). Medians:\n\n"
         + "\n".join(table) + "\n\nRatios (median of the rounds' ratios, each round's variants run back to back):\n\n" + ratio_lines + "\n\n"
         + (f"{len(disturbed)} of {len(r['runs'])} runs were taken while other processes used "

@@ -781,11 +781,13 @@ def check_ray_address(address: str, timeout: float = 5.0) -> None:
 
 @dataclass
 class Cluster:
-    """The Ray instance a stage uses: its resources, and how to name it in messages."""
+    """The Ray instance a stage uses: its resources, how to name it in messages, and whether it
+    is local (started here or in this process, not a cluster at RAY_ADDRESS)."""
 
     resources: dict[str, float]
     node_cpus: float | None
     where: str
+    local: bool
 
 
 # Ray Train settings the driver passes on to the controller and the workers (Ray propagates
@@ -857,7 +859,7 @@ def ray_session() -> Iterator[Cluster]:
         try:
             nodes = [n for n in ray.nodes() if n.get("Alive")]
             node_cpus = max((n["Resources"].get("CPU", 0.0) for n in nodes), default=0.0)
-            yield Cluster(dict(ray.cluster_resources()), node_cpus, where)
+            yield Cluster(dict(ray.cluster_resources()), node_cpus, where, local=not address)
         finally:
             if owned:
                 ray.shutdown()
@@ -884,6 +886,7 @@ def fit(
     storage: str,
     use_gpu: bool,
     train: TrainParams,
+    local: bool,
     track: dict[str, str] | None = None,
 ) -> Any:
     """Run TorchTrainer.fit on the connected Ray instance; resume run `name` if it has checkpoints.
@@ -893,6 +896,7 @@ def fit(
         name, storage: the Ray run (folder `storage/name`): same name and storage = resume.
         use_gpu: one GPU per worker.
         train: scaling, checkpoint and failure settings.
+        local: the Ray instance is local (Cluster.local): see lean_trainer.
         track: {"uri", "run_id"} of the MLflow run rank 0 logs epochs to, or None.
     Returns:
         Ray's Result (checkpoints kept: the best train.keep_checkpoints by val_accuracy + latest).
@@ -912,8 +916,7 @@ def fit(
 
     fault = json.loads(os.environ[FAULT_ENV]) if os.environ.get(FAULT_ENV) else None
     per_worker = {"CPU": train.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
-    trainer_cls = lean_trainer(TorchTrainer, local=not os.environ.get("RAY_ADDRESS"))
-    trainer = trainer_cls(
+    trainer = lean_trainer(TorchTrainer, local=local)(
         train_loop_per_worker,
         train_loop_config={
             "spec": asdict(spec),
@@ -1018,6 +1021,7 @@ def run_ray(params: Params, processed: Any, storage: str | os.PathLike) -> list[
         result = fit(
             spec, np.asarray(processed.train_images), np.asarray(processed.train_labels),
             name=name, storage=str(Path(storage).resolve()), use_gpu=use_gpu, train=params.train,
+            local=cluster.local,
         )  # fmt: skip
     return best_checkpoint(result)[1]
 
@@ -1398,7 +1402,7 @@ def _train_run(
             result = fit(
                 spec, np.asarray(data.train_images), np.asarray(data.train_labels),
                 name=ray_name, storage=storage, use_gpu=use_gpu, train=t,
-                track=track,
+                local=cluster.local, track=track,
             )  # fmt: skip
             best, history = best_checkpoint(result)
             _ensure_finite(history)

@@ -477,21 +477,20 @@ def test_lean_trainer_drops_only_the_helpers_a_run_does_not_need():
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    def callbacks(local: bool) -> set[str]:
-        trainer = lean_trainer(TorchTrainer, local=local)(
+    def callbacks(cls: type) -> set[str]:
+        trainer = cls(
             lambda config: None, scaling_config=ScalingConfig(num_workers=1),
             run_config=RunConfig(name="lean", storage_path="/nonexistent"),
         )  # fmt: skip
         assert isinstance(trainer, TorchTrainer)
         return {type(c).__name__ for c in trainer._create_default_callbacks()}
 
-    full = {type(c).__name__ for c in TorchTrainer(
-        lambda config: None, scaling_config=ScalingConfig(num_workers=1),
-        run_config=RunConfig(name="full", storage_path="/nonexistent"),
-    )._create_default_callbacks()}  # fmt: skip
+    full = callbacks(TorchTrainer)
     assert {"DatasetsCallback", "PlacementGroupCleanerCallback"} <= full
-    assert callbacks(local=True) == full - {"DatasetsCallback", "PlacementGroupCleanerCallback"}
-    assert callbacks(local=False) == full - {"DatasetsCallback"}
+    assert callbacks(lean_trainer(TorchTrainer, local=True)) == full - {
+        "DatasetsCallback", "PlacementGroupCleanerCallback"
+    }  # fmt: skip
+    assert callbacks(lean_trainer(TorchTrainer, local=False)) == full - {"DatasetsCallback"}
 
 
 @pytest.mark.timeout(300)
