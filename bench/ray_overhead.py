@@ -23,8 +23,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import ctypes
-import multiprocessing
-import socket
 import tempfile
 import time
 from collections.abc import Callable
@@ -33,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import Alternation, CpuTimeline, cpu_scaling, cpus, median
+from bench.common import Alternation, CpuTimeline, cpu_scaling, cpus, median, run_ranks
 from src.config import Params, parse_params
 from src.preprocess import Processed
 
@@ -167,29 +165,6 @@ def _set_process_name(name: str) -> None:
         ctypes.CDLL(None).prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
 
 
-def _run_ranks(target: Any, world: int, *args: Any) -> Any:
-    """Run `target(rank, *args, address, out)` in `world` spawned processes that meet at a free
-    local port (`address`, for torch.distributed); return what rank 0 puts on `out`."""
-    ctx = multiprocessing.get_context("spawn")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        address = f"tcp://127.0.0.1:{sock.getsockname()[1]}"
-    out = ctx.Queue()
-    procs = [ctx.Process(target=target, args=(r, *args, address, out)) for r in range(world)]
-    for proc in procs:
-        proc.start()
-    try:
-        result = out.get(timeout=3600)
-    finally:
-        for proc in procs:
-            proc.join(timeout=60)
-            if proc.is_alive():
-                proc.kill()
-    if any(proc.exitcode != 0 for proc in procs):
-        raise RuntimeError(f"{target.__name__}: exit codes {[p.exitcode for p in procs]}")
-    return result
-
-
 def _plain_ddp_rank(rank: int, params: Params, data: Processed, address: str, out: Any) -> None:
     """One rank of plain2: the Ray worker's loop (`run_epochs` over DDP with the same options,
     `src.train.ddp_options`) in a process of its own, joined by torch.distributed (gloo) alone.
@@ -222,37 +197,47 @@ def run_plain_ddp(params: Params, data: Processed) -> dict[str, Any]:
     """One plain2 run (train.num_workers processes, spawned) beside a fresh, idle Ray instance
     (`_measured`); its fixed time includes the processes' start."""
     return _measured(
-        PLAIN_DDP, lambda: _run_ranks(_plain_ddp_rank, params.train.num_workers, params, data)
+        PLAIN_DDP, lambda: run_ranks(_plain_ddp_rank, params.train.num_workers, params, data)
     )
 
 
 def _allreduce_rank(rank: int, numel: int, calls: int, address: str, out: Any) -> None:
-    """One rank of `allreduce_seconds`; rank 0 puts the median seconds of a call on `out`."""
+    """One rank of `allreduce_seconds`; rank 0 puts the median seconds of a call on `out`,
+    for gloo and for the shared-memory all-reduce."""
     import torch
     import torch.distributed as dist
+
+    from src.allreduce import SharedMemoryAllReduce
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=address, rank=rank, world_size=2)
     try:
-        grads = torch.ones(numel)
-        for _ in range(10):  # warm-up: connections, buffers
-            dist.all_reduce(grads)
-        seconds = []
-        for _ in range(calls):
-            dist.barrier()
-            start = time.perf_counter()
-            dist.all_reduce(grads)
-            seconds.append(time.perf_counter() - start)
+        shared = SharedMemoryAllReduce.connect()
+        ways = {"gloo": dist.all_reduce}
+        if shared is not None:
+            ways["shared memory"] = shared.all_reduce
+        grads, times = torch.ones(numel), {}
+        for name, all_reduce in ways.items():
+            for _ in range(10):  # warm-up: connections, buffers
+                all_reduce(grads)
+            seconds = []
+            for _ in range(calls):
+                dist.barrier()
+                start = time.perf_counter()
+                all_reduce(grads)
+                seconds.append(time.perf_counter() - start)
+            times[name] = median(seconds)
         if rank == 0:
-            out.put(median(seconds))
+            out.put(times)
     finally:
         dist.destroy_process_group()
 
 
-def allreduce_seconds(numel: int, calls: int = 200) -> float:
-    """Median seconds of one all_reduce of `numel` float32 (a step's gradients) between 2
-    processes on this machine (gloo, 1 thread each), nothing else running in them."""
-    return _run_ranks(_allreduce_rank, 2, numel, calls)
+def allreduce_seconds(numel: int, calls: int = 200) -> dict[str, float]:
+    """Median seconds of one all-reduce of `numel` float32 (a step's gradients) between 2
+    processes on this machine (1 thread each), nothing else running in them: by gloo (TCP
+    loopback) and through shared memory (`src.allreduce`, where it connects)."""
+    return run_ranks(_allreduce_rank, 2, numel, calls)
 
 
 def checkpoint_times(storage: Path) -> list[float]:

@@ -74,6 +74,7 @@ RAY_CODE = [
     "before the training loop kept its freed memory (`src.train.keep_freed_memory`)",
     "with it, Ray Train still starting its dataset manager and placement-group cleaner",
     "without those two (`src.train.lean_trainer`)",
+    "2 workers summing gradients through shared memory (`src.allreduce`) instead of gloo",
 ]
 RAY_RUNS = [
     ("2026-12-01 00:31 UTC", "Intel", 0.784, 1.045, 0, "5 rounds of 4 epochs"),
@@ -94,6 +95,8 @@ RAY_RUNS = [
      "the instance's log monitor grew busier (0.5% of the CPUs, then 1.2%)"),
     ("2026-12-02 07:21 UTC", "Intel", 0.955, 0.959, 2, "7 rounds of 8 epochs, a fresh Ray "
      "instance per run, no plain2"),
+    ("2026-12-02 07:52 UTC", "Intel", 0.937, 0.949, 2, "7 rounds of 8 epochs, a fresh Ray "
+     "instance per run; plain2/plain 0.944, ray2/plain2 0.947"),
 ]  # fmt: skip
 
 
@@ -127,17 +130,21 @@ def _ray_row(
 
 
 def _allreduce_text(r: dict[str, Any], batch: int) -> str:
-    """How long a step's all-reduce takes alone against plain2's step, where both were measured."""
+    """How long a step's all-reduce takes alone, each way measured, against plain2's step."""
     ar, p2, plain = r.get("allreduce"), r["summary"].get("plain2"), r["summary"].get("plain")
     if not ar or not p2:
         return ""
     step = batch / p2["loop_ips"]  # seconds per global batch of the 2 processes
     when = f", {ar['note']}" if ar.get("note") else ""
+    seconds = ar["seconds"] if isinstance(ar["seconds"], dict) else {"gloo": ar["seconds"]}
+    ways = "; ".join(
+        f"{name}: {v * 1e3:.2f} ms ({v / step:.1%} of the step)" for name, v in seconds.items()
+    )
     text = (
         f". An all-reduce of the model's {ar['parameters']:,} gradients "
-        f"({ar['parameters'] * 4 / 2**20:.1f} MiB of float32) between 2 processes (gloo, "
-        f"nothing else running{when}) takes {ar['seconds'] * 1e3:.2f} ms, "
-        f"{ar['seconds'] / step:.1%} of plain2's step of {step * 1e3:.1f} ms"
+        f"({ar['parameters'] * 4 / 2**20:.1f} MiB of float32) between 2 processes (1 thread "
+        f"each, nothing else running{when}) takes, against plain2's step of "
+        f"{step * 1e3:.1f} ms, {ways}"
     )
     if plain and p2.get("compute_cpus") and plain.get("ips_per_cpu"):
         text += (
@@ -213,20 +220,22 @@ def item_ray(r: dict[str, Any] | None) -> tuple[list[list[str]], str]:
         ("ray1", "plain"): "Ray adds only the report and checkpoint to an epoch: both run the "
         "same training pass code on 2 threads, so a gap there is this machine's run-to-run noise",
         ("ray2", "ray1"): f"each of the 2 DDP workers computes half of each batch of {batch} on 1 "
-        "thread and all-reduces the gradients every step (gloo), where the single worker splits "
-        "the same batch over 2 threads with no exchange",
+        "thread and all-reduces the gradients every step (through shared memory: "
+        "`src.allreduce`), where the single worker splits the same batch over 2 threads with no "
+        "exchange",
         ("plain2", "plain"): "plain2 is ray2's loop without Ray: 2 processes, each computing half "
-        f"of each batch of {batch} on 1 thread and all-reducing the gradients every step (gloo), "
-        "against one process splitting each op over 2 threads: what DDP over 2 processes gains "
-        "or loses on these 2 cores before Ray adds anything"
+        f"of each batch of {batch} on 1 thread and all-reducing the gradients every step (shared "
+        "memory), against one process splitting each op over 2 threads: what DDP over 2 processes "
+        "gains or loses on these 2 cores before Ray adds anything"
         + _allreduce_text(r, batch)
-        + ". In place the all-reduce costs far more than alone: 2 processes that skip it (each "
-        "training its half of each batch on its own; a diagnosis, their models drift apart) "
-        "trained at 1.156 of the plain loop's speed, against 0.936 with it (3 alternated rounds "
-        "of 10 epochs, 2026-12-02, Intel Xeon): about 6.7 ms a step where it takes 2.5 ms "
-        "alone. Halving its bytes did not help: DDP's fp16 compression hook made plain2 slower "
-        "(0.923 against 0.966 of the plain loop; the bf16 hook needs CUDA). A cheaper "
-        "all-reduce on one host (shared memory instead of TCP) is what 2 workers lack here",
+        + ". Until `src.allreduce`, gloo summed them over TCP loopback, and in place that cost "
+        "far more than alone: 2 processes that skip the all-reduce (a diagnosis, their models "
+        "drift apart) trained at 1.156 of the plain loop's speed against 0.936 with gloo's (3 "
+        "alternated rounds of 10 epochs, 2026-12-02, Intel Xeon): about 6.7 ms a step where it "
+        "takes 2.5 ms alone; DDP's fp16 compression hook made it slower (0.923 against 0.966). "
+        "The shared-memory all-reduce took plain2 from 0.894 to 0.982 of the plain loop's speed "
+        "(shared memory / gloo 1.108; 3 alternated rounds of 4 epochs, same day and machine); "
+        "what is left is the 2 processes waiting for each other at every step",
         ("ray2", "plain2"): "the same DDP loop on 2 processes either way; Ray adds its processes "
         "beside the workers and a report and checkpoint per epoch: what Ray costs 2 workers",
     }
@@ -241,7 +250,7 @@ def item_ray(r: dict[str, Any] | None) -> tuple[list[list[str]], str]:
                 if "ray1/plain epoch_ips" in ratios
                 else ""
             )
-            + ": 2 workers could beat 1 only with an all-reduce cheaper than gloo's over TCP here"
+            + ": the rest is the 2 processes waiting for each other at each step's all-reduce"
         )
     if "ray_share" in s.get("ray1", {}) and "ray_share" in s.get("plain", {}):
         ray1, plain = s["ray1"], s["plain"]

@@ -108,6 +108,9 @@ class TrainParams(Section):
     # AVX-512 BF16), else fp32
     precision: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"
     channels_last: bool = True
+    # CPU workers that share a host sum gradients through shared memory (src/allreduce.py)
+    # instead of the process group's TCP loopback; false: always torch.distributed's backend
+    shared_memory_allreduce: bool = True
     max_failures: int = Field(1, ge=0)
     keep_checkpoints: int = Field(2, gt=0)
     # null: every finished run keeps its checkpoints; k: only the k most recently finished do

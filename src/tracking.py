@@ -395,8 +395,9 @@ def log_torch_model(model: Any, example: Any, name: str = "torch_model") -> str:
     return info.model_uri
 
 
-def set_tag(run_id: str, key: str, value: str) -> None:
-    """Set one tag on a run (with the SQLite lock retry)."""
+def set_tag(run_id: str, key: str, value: str, uri: str | None = None) -> None:
+    """Set one tag on a run (with the SQLite lock retry), in the store at `uri` (default: the
+    process's tracking URI)."""
     from mlflow import MlflowClient
 
-    with_retry(MlflowClient().set_tag, run_id, key, value)
+    with_retry(MlflowClient(tracking_uri=uri).set_tag, run_id, key, value)

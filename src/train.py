@@ -440,6 +440,7 @@ class Loop:
     batch_size: int  # per worker
     precision: str  # train.precision as resolved on this device (auto: bf16 or fp32)
     autocast: Callable[[], contextlib.AbstractContextManager]
+    allreduce: str  # how DDP sums gradients: "none" (one process), "shared memory", or the backend
 
     def state(self, history: list[dict[str, Any]]) -> dict[str, Any]:
         """The checkpoint: weights, optimizer, schedule and the history so far (plain types and
@@ -466,7 +467,9 @@ def make_loop(
 ) -> Loop:
     """Build the model (seeded: the same weights on every rank), optimizer and schedule, restore
     them from a checkpoint `state`, and put the data on `device`. `wrap` is e.g. Ray's
-    prepare_model (DDP when world size > 1). The process keeps freed memory from here on
+    prepare_model (DDP when world size > 1); a DDP model on CPU sums its gradients through
+    shared memory where train.shared_memory_allreduce allows and every rank shares the host
+    (collective: every rank comes through here). The process keeps freed memory from here on
     (keep_freed_memory): every process that trains comes through here."""
     keep_freed_memory()
     t = spec.train
@@ -482,6 +485,7 @@ def make_loop(
     fmt = torch.channels_last if t["channels_last"] else torch.contiguous_format
     net.to(device=device, memory_format=fmt)
     model = wrap(net) if wrap is not None else net
+    allreduce = ddp_allreduce(model, t["shared_memory_allreduce"])
     optimizer = make_optimizer(net, t)  # DDP shares net's parameters
     scheduler = make_scheduler(optimizer, t, steps)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
@@ -493,7 +497,7 @@ def make_loop(
     data = DeviceData(images, labels, spec.mean, spec.std, device, t["channels_last"])
     return Loop(
         spec, net, model, optimizer, scheduler, scaler, data, train_rows, val_rows, batch,
-        precision, autocast,
+        precision, autocast, allreduce,
     )  # fmt: skip
 
 
@@ -672,11 +676,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     wrap = functools.partial(ray.train.torch.prepare_model, parallel_strategy_kwargs=ddp_options())
     loop = make_loop(spec, images, labels, comm, device, state=state, wrap=wrap)
     if rank == 0:
-        print(f"{world} worker(s) on {device.type}, precision {loop.precision}", flush=True)
+        sums = "" if world == 1 else f", all-reduce: {loop.allreduce}"
+        print(f"{world} worker(s) on {device.type}, precision {loop.precision}{sums}", flush=True)
     fault = _Fault(**(config.get("fault") or {}))
     track = config.get("tracking")
-    if rank == 0 and track and history:  # epochs a previous attempt checkpointed, maybe unlogged
-        tracking.log_epochs(track["uri"], track["run_id"], history)
+    if rank == 0 and track:
+        tracking.set_tag(track["run_id"], "allreduce", loop.allreduce, uri=track["uri"])
+        if history:  # epochs a previous attempt checkpointed, maybe unlogged
+            tracking.log_epochs(track["uri"], track["run_id"], history)
 
     def on_epoch(entry: dict[str, Any], loop: Loop, history: list[dict[str, Any]]) -> None:
         if rank == 0:
@@ -696,6 +703,27 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             fault.fire(rank, epoch, "mid")
 
     run_epochs(loop, comm, history, on_epoch=on_epoch, on_step=on_step)
+
+
+def ddp_allreduce(model: nn.Module, shared_memory: bool) -> str:
+    """How `model` sums gradients across ranks; for a CPU DDP model with `shared_memory`, first
+    try the same-host shared-memory hook (collective: src.allreduce). Returns "none" (not DDP),
+    "shared memory", or the process group's backend (gloo, nccl)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not isinstance(model, DistributedDataParallel):
+        return "none"
+    import torch.distributed as dist
+
+    on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+    if shared_memory and on_cpu:
+        from src.allreduce import SharedMemoryAllReduce
+
+        reducer = SharedMemoryAllReduce.connect(model.process_group)
+        if reducer is not None:
+            model.register_comm_hook(None, reducer.hook)
+            return "shared memory"
+    return str(dist.get_backend(model.process_group))
 
 
 def ddp_options() -> dict[str, bool]:

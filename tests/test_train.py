@@ -25,6 +25,7 @@ import yaml
 from conftest import REPO, TINY, deep_update, make_project, project_env
 
 from src import tracking
+from src.allreduce import ORDERED_STORES
 from src.config import load_params, parse_params
 from src.errors import PipelineError
 from src.model import load_checkpoint
@@ -385,6 +386,7 @@ _WRITER = """
 import sys
 import mlflow
 from src import tracking
+from src.allreduce import ORDERED_STORES
 uri, name = sys.argv[1], sys.argv[2]
 mlflow.set_tracking_uri(uri)
 exp = tracking.get_or_create_experiment("shared", None)
@@ -446,6 +448,7 @@ def test_two_worker_run_logs_one_run_and_a_model_that_reproduces(first_run):
     for key in ("git_commit", "data_md5", "data_sha256", "ray_version", "torch_version"):
         assert tags[key], key
     assert tags["num_workers"] == "2" and tags["device"] == "cpu"
+    assert tags["allreduce"] == ("shared memory" if ORDERED_STORES else "gloo")  # one host
 
     info = tracking.read_run_file(root / "models/run.json")
     assert info["run_id"] == metrics["run_id"] and info["experiment_name"] == "cnn-pipeline"
