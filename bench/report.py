@@ -241,16 +241,15 @@ def item_ray(r: dict[str, Any] | None) -> tuple[list[list[str]], str]:
     }
     if "plain2/plain epoch_ips" in ratios and "ray2/plain2 epoch_ips" in ratios:
         why[("ray2", "ray1")] += (
-            ". plain2 (below) splits the gap: without Ray, DDP over 2 processes trains at "
-            f"{ratios['plain2/plain epoch_ips']:.3f} of the plain loop's speed on these 2 cores "
-            "(its all-reduce), and Ray costs the 2 workers "
-            f"{1 - ratios['ray2/plain2 epoch_ips']:.1%}"
+            ". plain2 (below) separates DDP from Ray: without Ray, DDP over 2 processes trains "
+            f"at {ratios['plain2/plain epoch_ips']:.3f} of the plain loop's speed on these 2 "
+            f"cores, and Ray costs the 2 workers {1 - ratios['ray2/plain2 epoch_ips']:.1%}"
             + (
-                f" as it costs the 1 worker {1 - ratios['ray1/plain epoch_ips']:.1%}"
+                f" as it costs the 1 worker {1 - ratios['ray1/plain epoch_ips']:.1%}: 2 workers "
+                "gain over 1 about what 2 processes gain over 1 without Ray"
                 if "ray1/plain epoch_ips" in ratios
                 else ""
             )
-            + ": the rest is the 2 processes waiting for each other at each step's all-reduce"
         )
     if "ray_share" in s.get("ray1", {}) and "ray_share" in s.get("plain", {}):
         ray1, plain = s["ray1"], s["plain"]
