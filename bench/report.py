@@ -75,6 +75,7 @@ RAY_CODE = [
     "with it, Ray Train still starting its dataset manager and placement-group cleaner",
     "without those two (`src.train.lean_trainer`)",
     "2 workers summing gradients through shared memory (`src.allreduce`) instead of gloo",
+    "and every training process's large tensors on transparent huge pages (`src.train.WORKER_ENV`)",
 ]
 RAY_RUNS = [
     ("2026-12-01 00:31 UTC", "Intel", 0.784, 1.045, 0, "5 rounds of 4 epochs"),
@@ -97,6 +98,8 @@ RAY_RUNS = [
      "instance per run, no plain2"),
     ("2026-12-02 07:52 UTC", "Intel", 0.937, 0.949, 2, "7 rounds of 8 epochs, a fresh Ray "
      "instance per run; plain2/plain 0.944, ray2/plain2 0.947"),
+    ("2026-12-02 09:54 UTC", "Intel", 0.917, 1.013, 3, "7 rounds of 8 epochs, a fresh Ray "
+     "instance per run; plain2/plain 1.012, ray2/plain2 0.917"),
 ]  # fmt: skip
 
 

@@ -19,6 +19,9 @@ from typing import Any
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("CNN_QUIET", "1")
+# before torch starts: the plain loops train in this process (and its spawned children), with
+# what src.train.WORKER_ENV gives the Ray workers
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 from bench import common, fashion, gpu, memory, overheads, preprocess_speed, ray_overhead, report  # noqa: E402
 from bench.common import FASHION, OUT, REPO, RESULTS, load_yaml  # noqa: E402

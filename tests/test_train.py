@@ -32,6 +32,7 @@ from src.model import load_checkpoint
 from src.train import (
     DONE_FILE,
     FAULT_ENV,
+    WORKER_ENV,
     DeviceData,
     LoopSpec,
     autocast_for,
@@ -472,6 +473,48 @@ def test_two_worker_run_logs_one_run_and_a_model_that_reproduces(first_run):
     best = first_run["history"][saved["best_epoch"] - 1]
     assert abs(correct / count - best["val_accuracy"]) <= 1 / count
     assert saved["val_accuracy"] == pytest.approx(best["val_accuracy"])
+
+
+def test_local_ray_workers_start_with_the_worker_env(clean_env):
+    """Torch reads THP_MEM_ALLOC_ENABLE once, when it starts: the workers must have it from
+    their start (inherited from the driver); the driver's own environment is left as it was."""
+    import ray
+
+    for name in WORKER_ENV:
+        clean_env.delenv(name, raising=False)
+    with ray_session():
+
+        @ray.remote(num_cpus=0)
+        def environ() -> dict:
+            return {k: os.environ.get(k) for k in WORKER_ENV}
+
+        assert ray.get(environ.remote()) == WORKER_ENV
+    assert not set(WORKER_ENV) & set(os.environ)
+
+
+THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+@pytest.mark.skipif(
+    not THP.exists() or "[madvise]" not in THP.read_text(),
+    reason="transparent huge pages not in madvise mode here (always or never: nothing to ask)",
+)
+def test_worker_env_puts_large_tensors_on_huge_pages():
+    """What WORKER_ENV is for: with it, this torch backs a large CPU tensor with huge pages."""
+    code = (
+        "import re, torch\n"
+        "x = torch.ones(64 << 20, dtype=torch.uint8)\n"
+        "smaps = open('/proc/self/smaps_rollup').read()\n"
+        "print(int(re.search(r'AnonHugePages:\\s+(\\d+)', smaps).group(1)))\n"
+    )
+    kib = {}
+    for on in (True, False):
+        env = {k: v for k, v in os.environ.items() if k not in WORKER_ENV}
+        env.update(WORKER_ENV if on else {})
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        kib[on] = int(done.stdout.split()[-1])
+    assert kib[True] >= 32 << 10 > kib[False]  # at least half of the 64 MiB on 2 MiB pages
 
 
 def test_lean_trainer_drops_only_the_helpers_a_run_does_not_need():
