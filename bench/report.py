@@ -431,11 +431,13 @@ def item_fashion(r: dict[str, Any] | None) -> tuple[list[list[str]], str]:
 
 # Earlier full runs of item 2 (one line each; add one when the item is re-measured).
 FASHION_EARLIER = (
-    "Earlier run: 2026-12-01 07:10 UTC, Intel Xeon model 207, the 2 workers summing gradients "
+    "Earlier runs: 2026-12-01 07:10 UTC, Intel Xeon model 207, the 2 workers summing gradients "
     "with gloo (before `src.allreduce`): test accuracy 0.9365, 0.9390, 0.9370 in 251, 266, "
-    "271 s of training. The accuracies are the same to the last digit: with 2 workers the "
-    "shared-memory all-reduce gives gloo's sums bit for bit, so only the time moved (another "
-    "machine as well, so not an A/B of the all-reduce; item 1 measures that).\n\n"
+    "271 s of training; 2026-12-02 10:16 UTC, Intel Xeon model 167, with `src.allreduce`, "
+    "before `src.train.WORKER_ENV` (huge pages): the same accuracies in 144, 145, 146 s. The "
+    "accuracies agree to the last digit: with 2 workers the shared-memory all-reduce gives "
+    "gloo's sums bit for bit and huge pages change no arithmetic, so only the time moves (the "
+    "first run was on another machine: not an A/B of the all-reduce; item 1 measures that).\n\n"
 )
 
 
