@@ -19,12 +19,15 @@ from typing import Any
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("CNN_QUIET", "1")
-# before torch starts: the plain loops train in this process (and its spawned children), with
-# what src.train.WORKER_ENV gives the Ray workers
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 from bench import common, fashion, gpu, memory, overheads, preprocess_speed, ray_overhead, report  # noqa: E402
 from bench.common import FASHION, OUT, REPO, RESULTS, load_yaml  # noqa: E402
+from src.train import WORKER_ENV  # noqa: E402
+
+# the plain loops train in this process (and its spawned children) with what the Ray workers get;
+# torch reads it at its first CPU tensor, which no import above makes
+for _name, _value in WORKER_ENV.items():
+    os.environ.setdefault(_name, _value)
 
 NAMES = ("ray", "fashion", "preprocess", "memory", "overheads", "gpu")
 ITEM = {  # name -> result file stem

@@ -100,6 +100,8 @@ class SharedMemoryAllReduce:
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum a contiguous CPU tensor over all ranks, in place; every rank calls it in turn."""
+        if self.world == 1:
+            return tensor
         flat = tensor.view(-1)
         step = self.chunk_bytes // flat.element_size()
         for start in range(0, flat.numel(), step):
@@ -110,7 +112,7 @@ class SharedMemoryAllReduce:
             slots[self.rank].copy_(part)
             self._flags[self.rank] = self._calls
             self._wait(self._calls)
-            torch.add(slots[0], slots[1], out=part) if self.world > 1 else part.copy_(slots[0])
+            torch.add(slots[0], slots[1], out=part)
             for k in range(2, self.world):
                 part.add_(slots[k])
         return tensor

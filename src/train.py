@@ -676,7 +676,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     wrap = functools.partial(ray.train.torch.prepare_model, parallel_strategy_kwargs=ddp_options())
     loop = make_loop(spec, images, labels, comm, device, state=state, wrap=wrap)
     if rank == 0:
-        sums = "" if world == 1 else f", all-reduce: {loop.allreduce}"
+        sums = "" if loop.allreduce == "none" else f", all-reduce: {loop.allreduce}"
         print(f"{world} worker(s) on {device.type}, precision {loop.precision}{sums}", flush=True)
     fault = _Fault(**(config.get("fault") or {}))
     track = config.get("tracking")
@@ -832,8 +832,9 @@ RAY_TRAIN_ENV = {
 RAY_TRAIN_LOCAL_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 # The workers' torch: CPU tensors of 2 MiB and more on transparent huge pages (madvise), fewer
 # TLB misses in the convolutions: 3-11% more images/s on 2 cores, through Ray or not (6 paired
-# rounds, BENCHMARKS.md). Torch reads it once per process, so it must be there at its start:
-# locally the workers inherit it from the driver, on a cluster the runtime env carries it.
+# rounds, BENCHMARKS.md). Torch reads it once per process, at its first CPU tensor, so it must be
+# there from the start: locally the workers inherit it from the driver, on a cluster the runtime
+# env carries it.
 WORKER_ENV = {"THP_MEM_ALLOC_ENABLE": "1"}
 
 

@@ -75,7 +75,8 @@ def _fallback_rank(rank: int, folder: str, address: str, out) -> None:
     _join(rank, 2, address)
     try:
         shared = SharedMemoryAllReduce.connect(folder=folder)
-        out.put(shared is None) if rank == 0 else None
+        if rank == 0:
+            out.put(shared is None)
     finally:
         dist.destroy_process_group()
 

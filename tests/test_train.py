@@ -387,7 +387,6 @@ _WRITER = """
 import sys
 import mlflow
 from src import tracking
-from src.allreduce import ORDERED_STORES
 uri, name = sys.argv[1], sys.argv[2]
 mlflow.set_tracking_uri(uri)
 exp = tracking.get_or_create_experiment("shared", None)
