@@ -76,6 +76,8 @@ RAY_CODE = [
     "without those two (`src.train.lean_trainer`)",
     "2 workers summing gradients through shared memory (`src.allreduce`) instead of gloo",
     "and every training process's large tensors on transparent huge pages (`src.train.WORKER_ENV`)",
+    "and no autoscaling coordinator on a local instance, no process group for 1 worker "
+    "(`src.train.lean_trainer`, `src.train.drop_lone_process_group`)",
 ]
 RAY_RUNS = [
     ("2026-12-01 00:31 UTC", "Intel", 0.784, 1.045, 0, "5 rounds of 4 epochs"),
@@ -100,6 +102,8 @@ RAY_RUNS = [
      "instance per run; plain2/plain 0.944, ray2/plain2 0.947"),
     ("2026-12-02 09:54 UTC", "Intel", 0.917, 1.013, 3, "7 rounds of 8 epochs, a fresh Ray "
      "instance per run; plain2/plain 1.012, ray2/plain2 0.917"),
+    ("2026-12-02 10:55 UTC", "Intel", 0.952, 1.006, 4, "7 rounds of 8 epochs, a fresh Ray "
+     "instance per run; plain2/plain 1.007, ray2/plain2 0.942"),
 ]  # fmt: skip
 
 

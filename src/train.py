@@ -665,6 +665,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    drop_lone_process_group()
     images, labels = ray.get(config["data"])
     state = None
     checkpoint = ray.train.get_checkpoint()
@@ -703,6 +704,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             fault.fire(rank, epoch, "mid")
 
     run_epochs(loop, comm, history, on_epoch=on_epoch, on_step=on_step)
+
+
+def drop_lone_process_group() -> None:
+    """Destroy torch.distributed's default process group where this process is its only rank.
+
+    Ray Train sets one up for any number of workers; one has nothing to exchange (Comm and DDP
+    are skipped at world size 1), and gloo's transport thread wakes 100 times a second, each
+    wake-up taking a CPU from a compute thread. Ray Train destroys no group of 1 at shutdown.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() == 1:
+        dist.destroy_process_group()
 
 
 def ddp_allreduce(model: nn.Module, shared_memory: bool) -> str:
@@ -999,27 +1013,54 @@ def lean_trainer(base: type, *, local: bool) -> type:
     need: the DatasetManager (it serves Ray Data shards; the stage passes arrays through the
     object store, never a Ray Dataset) and, on a local Ray instance (`local`: it ends with the
     stage, and its shutdown frees every placement group), the detached PlacementGroupCleaner
-    (it frees the workers' placement group should the controller die on a long-lived cluster).
+    (it frees the workers' placement group should the controller die on a long-lived cluster)
+    and the AutoscalingCoordinator (it forwards the run's resource requests to a cluster
+    autoscaler, which a local instance does not have: a fixed worker count is then run by a
+    policy that sends none).
 
     Each Ray process wakes 100 times a second, and the cleaner also queries the actor state
     every second: on a machine whose cores all train, each wake-up preempts a compute thread
-    whose partner then waits at the next barrier. Without these two, 1 worker through Ray Train
-    trained at 0.976 of the plain loop's speed instead of 0.932 (4 rounds, 2 Intel cores; see
-    BENCHMARKS.md, item 1). Overrides the trainer's private `_create_default_callbacks` (ray is
-    pinned in constraints.txt); where Ray has no such method or callbacks, `base` is returned.
+    whose partner then waits at the next barrier (4 idle Ray actors cost the plain loop 3.3% of
+    its speed, 15 paired epochs). Without the first two, 1 worker through Ray Train trained at
+    0.976 of the plain loop's speed instead of 0.932 (4 rounds, 2 Intel cores; see
+    BENCHMARKS.md, item 1). Overrides the trainer's private `_create_default_callbacks` and
+    `_initialize_and_run_controller` (ray is pinned in constraints.txt); where Ray has no such
+    methods or classes, `base` is returned.
     """
     try:
         from ray.train.v2._internal.callbacks import DatasetsCallback
         from ray.train.v2._internal.callbacks.placement_group_callback import (
             PlacementGroupCleanerCallback,
         )
+        from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy
     except ImportError:  # another Ray Train (v1, or v2 moved on): the trainer as it is
         return base
-    if not callable(getattr(base, "_create_default_callbacks", None)):
+    if not all(
+        callable(getattr(base, m, None))
+        for m in ("_create_default_callbacks", "_initialize_and_run_controller")
+    ):
         return base
     cleaner = (PlacementGroupCleanerCallback,) if local else ()
 
+    class FixedWithoutAutoscaler(FixedScalingPolicy):  # type: ignore[misc, valid-type]
+        """Ray's fixed worker count, sending no resource requests (so no coordinator actor)."""
+
+        def after_controller_start(self, train_run_context: Any) -> None:
+            pass
+
+        def _maybe_send_resource_request(self) -> None:
+            pass
+
+        def _send_resource_request(self) -> None:
+            pass
+
     class LeanTrainer(base):  # type: ignore[misc, valid-type]
+        def _initialize_and_run_controller(self, **kwargs: Any) -> Any:
+            policy = kwargs.get("scaling_policy")
+            if local and type(policy) is FixedScalingPolicy:
+                kwargs["scaling_policy"] = FixedWithoutAutoscaler(policy.scaling_config)
+            return super()._initialize_and_run_controller(**kwargs)
+
         def _create_default_callbacks(self) -> list[Any]:
             drop = cleaner + (() if self.datasets else (DatasetsCallback,))
             return [c for c in super()._create_default_callbacks() if not isinstance(c, drop)]

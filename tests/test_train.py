@@ -37,6 +37,7 @@ from src.train import (
     LoopSpec,
     autocast_for,
     check_resources,
+    drop_lone_process_group,
     epoch_batches,
     epoch_rows,
     evaluate,
@@ -542,7 +543,7 @@ def test_lean_trainer_drops_only_the_helpers_a_run_does_not_need():
 def test_local_fit_starts_only_the_ray_train_actors_it_needs(base_project, tmp_path, clean_env):
     """A real 1-worker fit on a local Ray instance: trains, and Ray's actor table (which keeps
     finished actors) holds the controller, the worker and the synchronisation actor, but no
-    DatasetManager or PlacementGroupCleaner (src.train.lean_trainer)."""
+    DatasetManager, PlacementGroupCleaner or AutoscalingCoordinator (src.train.lean_trainer)."""
     import ray._private.state
 
     from src.preprocess import load_processed
@@ -557,6 +558,25 @@ def test_local_fit_starts_only_the_ray_train_actors_it_needs(base_project, tmp_p
     assert [e["epoch"] for e in history] == [1]
     assert {"TrainController", "RayTrainWorker", "SynchronizationActor"} <= classes, classes
     assert not {"DatasetManager", "PlacementGroupCleaner"} & classes, classes
+    assert not [c for c in classes if "AutoscalingCoordinator" in c], classes
+
+
+def test_lone_process_group_is_dropped(tmp_path):
+    """A process group of one rank (Ray Train makes one for a single worker) is destroyed; a
+    process without one is left as it is."""
+    import torch.distributed as dist
+
+    drop_lone_process_group()  # none: nothing to do
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        assert dist.is_initialized()
+        drop_lone_process_group()
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 @pytest.mark.slow
