@@ -864,6 +864,11 @@ def _environ(values: dict[str, str]) -> Iterator[None]:
             os.environ.pop(k, None)
 
 
+def ray_address() -> str | None:
+    """The Ray cluster the stage runs on ($RAY_ADDRESS), or None for a local instance."""
+    return os.environ.get("RAY_ADDRESS") or None
+
+
 @contextlib.contextmanager
 def ray_session() -> Iterator[Cluster]:
     """Connect to $RAY_ADDRESS (shipping this project's code as the workers' working dir) or
@@ -876,7 +881,7 @@ def ray_session() -> Iterator[Cluster]:
 
     import ray
 
-    address = os.environ.get("RAY_ADDRESS")
+    address = ray_address()
     kwargs: dict[str, Any] = {
         "logging_level": logging.WARNING,
         "log_to_driver": True,
@@ -1408,8 +1413,8 @@ def train_stage(params: Params, root: str | os.PathLike = ".") -> dict[str, Any]
     data = load_processed(processed_dir)
     spec = loop_spec(params, data.meta)
     training_split(spec, data.train_labels)  # before starting anything: fail in a second
-    if os.environ.get("RAY_ADDRESS"):
-        check_ray_address(os.environ["RAY_ADDRESS"])
+    if address := ray_address():
+        check_ray_address(address)
     else:
         check_resources(t, machine_resources(), "this machine")
     data_hash = data_fingerprint(processed_dir)
@@ -1471,11 +1476,7 @@ def _train_run(
         # Rank 0 logs each epoch as it ends, unless the store is a file on this machine and the
         # workers may run on others (RAY_ADDRESS): then the driver logs them all after fit.
         local_store = uri.startswith(("sqlite:", "file:")) or "://" not in uri
-        track = (
-            None
-            if local_store and os.environ.get("RAY_ADDRESS")
-            else {"uri": uri, "run_id": run_id}
-        )
+        track = None if local_store and not cluster.local else {"uri": uri, "run_id": run_id}
         try:
             tracking.log_params(run_id, params.flat())
             result = fit(
