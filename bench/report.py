@@ -104,6 +104,11 @@ RAY_RUNS = [
      "instance per run; plain2/plain 1.012, ray2/plain2 0.917"),
     ("2026-12-02 10:55 UTC", "Intel", 0.952, 1.006, 4, "7 rounds of 8 epochs, a fresh Ray "
      "instance per run; plain2/plain 1.007, ray2/plain2 0.942"),
+    ("2026-12-02 13:09 UTC", "Intel", 0.965, 0.941, 5, "7 rounds of 8 epochs, a fresh Ray "
+     "instance per run, a noisier host (ray1/plain rounds 0.866-1.080, plain2/plain 1.039, "
+     "ray2/plain2 0.908); an A/B right after it, 6 alternated rounds of 2 workers with and "
+     "without the autoscaling coordinator, gave 1.018 without (0.942-1.066): the lean fit does "
+     "not slow 2 workers"),
 ]  # fmt: skip
 
 
