@@ -256,13 +256,19 @@ def item_ray(r: dict[str, Any] | None) -> tuple[list[list[str]], str]:
             ". plain2 (below) separates DDP from Ray: without Ray, DDP over 2 processes trains "
             f"at {ratios['plain2/plain epoch_ips']:.3f} of the plain loop's speed on these 2 "
             f"cores, and Ray costs the 2 workers {1 - ratios['ray2/plain2 epoch_ips']:.1%}"
-            + (
-                f" as it costs the 1 worker {1 - ratios['ray1/plain epoch_ips']:.1%}: 2 workers "
-                "gain over 1 about what 2 processes gain over 1 without Ray"
-                if "ray1/plain epoch_ips" in ratios
-                else ""
-            )
         )
+        if "ray1/plain epoch_ips" in ratios:
+            cost2, cost1 = 1 - ratios["ray2/plain2 epoch_ips"], 1 - ratios["ray1/plain epoch_ips"]
+            why[("ray2", "ray1")] += (
+                f" as it costs the 1 worker {cost1:.1%}: 2 workers gain over 1 about what 2 "
+                "processes gain over 1 without Ray"
+                if abs(cost2 - cost1) <= 0.02
+                else f" against {cost1:.1%} for the 1 worker: "
+                + ("more" if cost2 > cost1 else "less")
+                + " for 2 workers, so 2 workers gain "
+                + ("less" if cost2 > cost1 else "more")
+                + " over 1 than 2 processes do without Ray"
+            )
     if "ray_share" in s.get("ray1", {}) and "ray_share" in s.get("plain", {}):
         ray1, plain = s["ray1"], s["plain"]
         top = ", ".join(f"{k} {v:.1%}" for k, v in list(ray1["ray_processes"].items())[:5])
