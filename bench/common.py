@@ -154,6 +154,7 @@ class Noise(_Sampler):
         self._first: dict[tuple[int, float], float] = {}
         self._last: dict[tuple[int, float], float] = {}
         self._foreign: set[tuple[int, float]] = set()
+        self._mine: set[tuple[int, float]] = set()
 
     def _sample(self, initial: bool = False) -> None:
         ours = _ours(self.root)
@@ -168,10 +169,11 @@ class Noise(_Sampler):
                 # a process born during the window used all its CPU time inside it
                 self._first[key] = used if initial or key[1] < self.start_time else 0.0
             self._last[key] = used
-            if key[0] not in ours:
-                self._foreign.add(key)
-            else:
+            if key[0] in ours:  # once ours, always: at shutdown Ray's processes are orphaned
+                self._mine.add(key)  # (their parent gone) for a moment before they exit
                 self._foreign.discard(key)
+            elif key not in self._mine:
+                self._foreign.add(key)
 
     def foreign_seconds(self) -> float:
         """CPU seconds used by other processes during the window."""
@@ -228,8 +230,10 @@ class CpuTimeline(_Sampler):
         self.threads_of = threads_of
         # (time, {(pid, create time): (name, CPU s, {thread id: (preemptions, wait s, CPU s)})})
         self.samples: list[tuple[float, dict[tuple[int, float], _Row]]] = []
+        self.machine: list[tuple[float, Any]] = []  # (time, psutil.cpu_times()): all processes
 
     def _sample(self, initial: bool = False) -> None:
+        self.machine.append((time.time(), psutil.cpu_times()))
         seen: dict[tuple[int, float], _Row] = {}
         for pid in _ours(self.root):
             try:
@@ -264,6 +268,21 @@ class CpuTimeline(_Sampler):
             switches[name] = switches.get(name, 0.0) + n
             waits[name] = waits.get(name, 0.0) + w
         return t1 - t0, cpu, switches, waits
+
+    def idle(self, start: float, stop: float) -> dict[str, float]:
+        """Shares of the machine's CPU time between the samples nearest `start` and `stop` that
+        no process used: {"idle": idle or waiting for I/O, "steal": taken by the hypervisor
+        (a virtual machine's CPUs running another guest; 0 where the kernel does not count it)}.
+        A run that leaves CPUs idle while it has work waits on something (I/O, a remote call)."""
+        (_, a), (_, b) = (min(self.machine, key=lambda s: abs(s[0] - t)) for t in (start, stop))
+        guests = ("guest", "guest_nice")  # Linux counts these in user and nice already
+        total = sum(b) - sum(a) - sum(getattr(b, g, 0.0) - getattr(a, g, 0.0) for g in guests)
+        total = max(total, 1e-9)
+
+        def delta(*fields: str) -> float:
+            return sum(getattr(b, f, 0.0) - getattr(a, f, 0.0) for f in fields) / total
+
+        return {"idle": delta("idle", "iowait"), "steal": delta("steal")}
 
     def thread_cpu(self, start: float, stop: float, name: str) -> list[float]:
         """CPU seconds each thread of the processes whose name contains `name` ran between the

@@ -89,7 +89,8 @@ def ray_cpu(timeline: CpuTimeline, ends: list[float], trainer: str) -> dict[str,
     switches, summed over its threads; per process), and how long its threads waited for a CPU
     while runnable (seconds per second, summed over its threads; per process); and how many CPUs
     its compute threads (those that ran over a quarter of the time: the training thread and its
-    OpenMP partners) held, summed over the trainer processes."""
+    OpenMP partners) held, summed over the trainer processes; and the shares of the machine's
+    CPU time that no process used (idle_share) or the hypervisor took (steal_share)."""
     wall, used, switches, waits = timeline.used(ends[0], ends[-1])
     wall = max(wall, 1e-9)
     compute = [c for c in timeline.thread_cpu(ends[0], ends[-1], trainer) if c > wall / 4]
@@ -101,7 +102,10 @@ def ray_cpu(timeline: CpuTimeline, ends: list[float], trainer: str) -> dict[str,
         if trainer not in k and k != CpuTimeline.DRIVER and v > 0
     }
     n = max(1, timeline.count(ends[-1], trainer))
+    idle = timeline.idle(ends[0], ends[-1])
     return {
+        "idle_share": idle["idle"],
+        "steal_share": idle["steal"],
         "worker_share": workers / total,
         "ray_share": sum(helpers.values()),
         "ray_processes": dict(sorted(helpers.items(), key=lambda kv: -kv[1])),
@@ -304,7 +308,7 @@ def measure(
             key: median(alt.values(name, key))
             for key in ("epoch_ips", "loop_ips", "epoch_s", "train_pass_s", "fixed_s", "wall_s",
                         "worker_share", "ray_share", "preemptions_per_s", "waiting_s_per_s",
-                        "compute_cpus", "ips_per_cpu")
+                        "compute_cpus", "ips_per_cpu", "idle_share", "steal_share")
         }  # fmt: skip
         procs = alt.values(name, "ray_processes")
         names = {k for p in procs for k in p}

@@ -32,6 +32,7 @@ from src.model import load_checkpoint
 from src.train import (
     DONE_FILE,
     FAULT_ENV,
+    STATE_FILE,
     WORKER_ENV,
     DeviceData,
     LoopSpec,
@@ -42,6 +43,7 @@ from src.train import (
     epoch_rows,
     evaluate,
     lean_trainer,
+    load_state,
     prune_runs,
     ray_session,
     resolve_precision,
@@ -450,6 +452,9 @@ def test_two_worker_run_logs_one_run_and_a_model_that_reproduces(first_run):
         assert tags[key], key
     assert tags["num_workers"] == "2" and tags["device"] == "cpu"
     assert tags["allreduce"] == ("shared memory" if ORDERED_STORES else "gloo")  # one host
+    kept = sorted(p.name for p in Path(tags["ray_run"]).glob("checkpoint_*") if p.is_dir())
+    assert f"checkpoint_epoch_{EPOCHS:04d}" in kept, kept
+    assert set(kept) <= {f"checkpoint_epoch_{e:04d}" for e in range(1, EPOCHS + 1)}, kept
 
     info = tracking.read_run_file(root / "models/run.json")
     assert info["run_id"] == metrics["run_id"] and info["experiment_name"] == "cnn-pipeline"
@@ -559,6 +564,40 @@ def test_local_fit_starts_only_the_ray_train_actors_it_needs(base_project, tmp_p
     assert {"TrainController", "RayTrainWorker", "SynchronizationActor"} <= classes, classes
     assert not {"DatasetManager", "PlacementGroupCleaner"} & classes, classes
     assert not [c for c in classes if "AutoscalingCoordinator" in c], classes
+
+
+def test_epoch_checkpoints_have_one_layout_written_in_place_or_copied(tmp_path, clean_env):
+    """report_epoch's two ways (rank 0 writes into the run folder and reports it there, as on a
+    local instance; or saves to a temporary folder that Ray copies, as on a cluster) leave the
+    same run folder: checkpoint_epoch_NNNN/state.pt per epoch, the latest the run's result."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    def report_two_epochs(config: dict) -> None:  # nested: Ray ships it by value
+        import torch
+
+        from src.train import report_epoch
+
+        for epoch in (1, 2):
+            state = {"epoch": epoch, "w": torch.full((3,), float(epoch))}
+            report_epoch({"epoch": epoch}, state, in_place=config["in_place"])
+
+    with ray_session():
+        for in_place in (True, False):
+            result = TorchTrainer(
+                report_two_epochs,
+                train_loop_config={"in_place": in_place},
+                scaling_config=ScalingConfig(num_workers=1),
+                run_config=RunConfig(name=f"in-place-{in_place}", storage_path=str(tmp_path)),
+            ).fit()
+            run = tmp_path / f"in-place-{in_place}"
+            folders = sorted(p for p in run.glob("checkpoint_*") if p.is_dir())
+            assert [f.name for f in folders] == ["checkpoint_epoch_0001", "checkpoint_epoch_0002"]
+            for epoch, folder in enumerate(folders, 1):
+                assert [f.name for f in folder.iterdir()] == [STATE_FILE], in_place
+                state = load_state(folder / STATE_FILE)
+                assert state["epoch"] == epoch and state["w"].tolist() == [epoch] * 3
+            assert Path(result.checkpoint.path) == folders[-1].resolve()
 
 
 def test_lone_process_group_is_dropped(tmp_path):
