@@ -600,6 +600,55 @@ def test_epoch_checkpoints_have_one_layout_written_in_place_or_copied(tmp_path, 
             assert Path(result.checkpoint.path) == folders[-1].resolve()
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_stage_on_an_existing_two_node_cluster(base_project, tmp_path, clean_env):
+    """The train stage at RAY_ADDRESS: a real Ray cluster of 2 nodes of 1 CPU each (Ray's own
+    test helper starts their raylets), so its 2 workers run one per node. The stage ships the
+    project's code to them (runtime env), keeps Train's cluster helpers (placement-group
+    cleaner, autoscaling coordinator), lets Ray copy each checkpoint into the run folder
+    (report_epoch, not in place), logs the epochs from the driver after the fit (the store is
+    a file the workers may not reach), and leaves the cluster running when it ends."""
+    import ray
+    import ray._private.state
+    from ray.cluster_utils import Cluster
+
+    root = clone(base_project, tmp_path / "project", {"train": {"cpus_per_worker": 1}})
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        clean_env.setenv("RAY_ADDRESS", cluster.address)
+        clean_env.chdir(root)
+        metrics = train_stage(load_params(root / "params.yaml"), root)
+
+        runs = store_runs(root)
+        assert [r.info.run_id for r in runs] == [metrics["run_id"]]
+        assert runs[0].info.status == "FINISHED"
+        for key in METRICS:
+            assert steps(root, metrics["run_id"], key) == list(range(1, EPOCHS + 1)), key
+        ray_run = Path(runs[0].data.tags["ray_run"])
+        kept = sorted(p.name for p in ray_run.glob("checkpoint_*") if p.is_dir())
+        assert f"checkpoint_epoch_{EPOCHS:04d}" in kept, kept
+        assert (root / "models/model.pt").exists()
+
+        ray.init(address=cluster.address, logging_level="ERROR")  # the cluster still runs
+        try:
+            assert sum(n["Alive"] for n in ray.nodes()) == 2
+            actors = ray._private.state.actors().values()
+            classes = {a["ActorClassName"] for a in actors}
+            workers = {
+                a["Address"]["NodeID"] for a in actors if a["ActorClassName"] == "RayTrainWorker"
+            }
+        finally:
+            ray.shutdown()
+        assert len(workers) == 2  # one per node
+        assert "PlacementGroupCleaner" in classes, classes
+        assert [c for c in classes if "AutoscalingCoordinator" in c], classes
+    finally:
+        cluster.shutdown()
+
+
 def test_lone_process_group_is_dropped(tmp_path):
     """A process group of one rank (Ray Train makes one for a single worker) is destroyed; a
     process without one is left as it is."""
