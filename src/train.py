@@ -370,16 +370,23 @@ def evaluate(
 
 
 def make_optimizer(model: nn.Module, train: dict[str, Any]) -> torch.optim.Optimizer:
-    """AdamW or SGD with momentum; weight decay on weights only (not biases nor norm scales)."""
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    rest = [p for p in model.parameters() if p.ndim <= 1]
+    """AdamW or SGD with momentum; weight decay on weights only (not biases nor norm scales).
+
+    Fused (one kernel over all parameters) where torch has it for the model's device (CPU and
+    CUDA): on CPU the default loops over the parameters tensor by tensor, one thread, which
+    took 1.6 ms a step against 0.8 ms fused for the default network (AMD EPYC, 1 or 2 threads):
+    about 3% of a step, and every DDP rank runs the whole update."""
+    params = list(model.parameters())
+    decay = [p for p in params if p.ndim > 1]
+    rest = [p for p in params if p.ndim <= 1]
     groups = [
         {"params": decay, "weight_decay": train["weight_decay"]},
         {"params": rest, "weight_decay": 0.0},
     ]
+    fused = all(p.device.type in ("cpu", "cuda") for p in params)
     if train["optimizer"] == "sgd":
-        return torch.optim.SGD(groups, lr=train["lr"], momentum=train["momentum"])
-    return torch.optim.AdamW(groups, lr=train["lr"])
+        return torch.optim.SGD(groups, lr=train["lr"], momentum=train["momentum"], fused=fused)
+    return torch.optim.AdamW(groups, lr=train["lr"], fused=fused)
 
 
 def make_scheduler(

@@ -44,6 +44,7 @@ from src.train import (
     evaluate,
     lean_trainer,
     load_state,
+    make_optimizer,
     prune_runs,
     ray_session,
     resolve_precision,
@@ -260,6 +261,31 @@ def test_precision_auto_is_bf16_only_where_the_cpu_computes_it(monkeypatch, nati
     with autocast_for("auto", cpu)():
         out = torch.nn.Linear(4, 2)(torch.ones(3, 4))
     assert out.dtype == (torch.bfloat16 if native else torch.float32)
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_optimizer_is_fused_on_cpu_and_steps_as_the_unfused_one(name):
+    """make_optimizer fuses the update on CPU (one kernel, not one per tensor); a few steps
+    leave the weights where torch's tensor-by-tensor update does, up to rounding."""
+    train = {"optimizer": name, "lr": 0.1, "momentum": 0.9, "weight_decay": 0.05}
+    nets = [
+        torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+        for _ in "ab"
+    ]
+    nets[1].load_state_dict(nets[0].state_dict())
+    fused, plain = (make_optimizer(net, train) for net in nets)
+    assert all(g["fused"] for g in fused.param_groups)
+    assert [g["weight_decay"] for g in fused.param_groups] == [0.05, 0.0]
+    for g in plain.param_groups:
+        g["fused"] = None
+    x = torch.randn(8, 5)
+    for _ in range(3):
+        for net, opt in zip(nets, (fused, plain), strict=True):
+            opt.zero_grad()
+            net(x).square().mean().backward()
+            opt.step()
+    for a, b in zip(nets[0].parameters(), nets[1].parameters(), strict=True):
+        torch.testing.assert_close(a, b)
 
 
 def test_device_data_matches_preprocess_normalize(base_project):
