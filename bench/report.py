@@ -526,7 +526,11 @@ FASHION_EARLIER = (
     "before `src.train.WORKER_ENV` (huge pages): the same accuracies in 144, 145, 146 s. The "
     "accuracies agree to the last digit: with 2 workers the shared-memory all-reduce gives "
     "gloo's sums bit for bit and huge pages change no arithmetic, so only the time moves (the "
-    "first run was on another machine: not an A/B of the all-reduce; item 1 measures that).\n\n"
+    "first run was on another machine: not an A/B of the all-reduce; item 1 measures that); "
+    "2026-12-02 11:06 UTC, same machine, with huge pages: the same accuracies again in 132, "
+    "129, 129 s (bf16 autocast there: `train.precision: auto` finds AMX on that Xeon; the run "
+    "above is fp32 on an AMD EPYC whose bf16 torch does not use, with the fused optimizer "
+    "update of `src.train.make_optimizer`: other arithmetic, so other accuracies).\n\n"
 )
 
 
