@@ -375,7 +375,7 @@ def make_optimizer(model: nn.Module, train: dict[str, Any]) -> torch.optim.Optim
     Fused (one kernel over all parameters) where torch has it for the model's device (CPU and
     CUDA): on CPU the default loops over the parameters tensor by tensor, one thread, which
     took 1.6 ms a step against 0.8 ms fused for the default network (AMD EPYC, 1 or 2 threads):
-    about 3% of a step, and every DDP rank runs the whole update."""
+    a training step 2% shorter, and every DDP rank runs the whole update."""
     params = list(model.parameters())
     decay = [p for p in params if p.ndim > 1]
     rest = [p for p in params if p.ndim <= 1]
@@ -716,9 +716,11 @@ def report_epoch(entry: dict[str, Any], state: dict[str, Any] | None, *, in_plac
     in_place: rank 0 writes the state file straight into the run folder, where Ray Train keeps
     its checkpoints, and reports it there (CheckpointUploadMode.NO_UPLOAD); otherwise it saves
     the file in a temporary folder, which Ray copies into the run folder (pyarrow's copy_files,
-    after checking that the storage is one every node sees). The copy cost 15-19 ms an epoch
-    on 2 cores, time in which the CPUs sit idle. For a local Ray instance only, whose run folder
-    is on this machine: on a cluster, rank 0 may run on a node that does not share it.
+    after checking that the storage is one every node sees), while the CPUs sit idle: an
+    epoch's end took 10.5 ms in place against 15.4 ms with 1 worker, 12.9 ms against 32.8 ms
+    with 2 (2 cores, BENCHMARKS.md item 1), and the copy grows with the model. For a local Ray
+    instance only, whose run folder is on this machine: on a cluster, rank 0 may run on a node
+    that does not share it.
     """
     import ray.train
 
