@@ -274,7 +274,7 @@ class CpuTimeline(_Sampler):
         no process used: {"idle": idle or waiting for I/O, "steal": taken by the hypervisor
         (a virtual machine's CPUs running another guest; 0 where the kernel does not count it)}.
         A run that leaves CPUs idle while it has work waits on something (I/O, a remote call)."""
-        (_, a), (_, b) = (min(self.machine, key=lambda s: abs(s[0] - t)) for t in (start, stop))
+        (_, a), (_, b) = self._nearest(start, self.machine), self._nearest(stop, self.machine)
         guests = ("guest", "guest_nice")  # Linux counts these in user and nice already
         total = sum(b) - sum(a) - sum(getattr(b, g, 0.0) - getattr(a, g, 0.0) for g in guests)
         total = max(total, 1e-9)
@@ -290,9 +290,9 @@ class CpuTimeline(_Sampler):
         deltas = self._thread_deltas(start, stop)
         return sorted((d[2] for (n, _), d in deltas.items() if name in n), reverse=True)
 
-    def _nearest(self, when: float) -> tuple[float, dict[tuple[int, float], _Row]]:
-        """The sample nearest `when`."""
-        return min(self.samples, key=lambda s: abs(s[0] - when))
+    def _nearest(self, when: float, series: list | None = None) -> Any:
+        """The sample nearest `when` (of `series`: default the processes' samples)."""
+        return min(self.samples if series is None else series, key=lambda s: abs(s[0] - when))
 
     def _thread_deltas(
         self, start: float, stop: float

@@ -115,6 +115,11 @@ def steps(root: Path, run_id: str, key: str = "val_accuracy") -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, key))
 
 
+def checkpoint_folders(run: Path) -> list[Path]:
+    """A Ray run folder's checkpoints (Ray keeps its snapshot file beside them), sorted."""
+    return sorted(p for p in run.glob("checkpoint_*") if p.is_dir())
+
+
 def logged_history(root: Path, run_id: str) -> list[dict]:
     """The per-epoch metrics as MLflow holds them, shaped like a history."""
     from mlflow import MlflowClient
@@ -478,7 +483,7 @@ def test_two_worker_run_logs_one_run_and_a_model_that_reproduces(first_run):
         assert tags[key], key
     assert tags["num_workers"] == "2" and tags["device"] == "cpu"
     assert tags["allreduce"] == ("shared memory" if ORDERED_STORES else "gloo")  # one host
-    kept = sorted(p.name for p in Path(tags["ray_run"]).glob("checkpoint_*") if p.is_dir())
+    kept = [p.name for p in checkpoint_folders(Path(tags["ray_run"]))]
     assert f"checkpoint_epoch_{EPOCHS:04d}" in kept, kept
     assert set(kept) <= {f"checkpoint_epoch_{e:04d}" for e in range(1, EPOCHS + 1)}, kept
 
@@ -571,6 +576,7 @@ def test_lean_trainer_drops_only_the_helpers_a_run_does_not_need():
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.slow
 def test_local_fit_starts_only_the_ray_train_actors_it_needs(base_project, tmp_path, clean_env):
     """A real 1-worker fit on a local Ray instance: trains, and Ray's actor table (which keeps
     finished actors) holds the controller, the worker and the synchronisation actor, but no
@@ -592,6 +598,7 @@ def test_local_fit_starts_only_the_ray_train_actors_it_needs(base_project, tmp_p
     assert not [c for c in classes if "AutoscalingCoordinator" in c], classes
 
 
+@pytest.mark.slow
 def test_epoch_checkpoints_have_one_layout_written_in_place_or_copied(tmp_path, clean_env):
     """report_epoch's two ways (rank 0 writes into the run folder and reports it there, as on a
     local instance; or saves to a temporary folder that Ray copies, as on a cluster) leave the
@@ -617,7 +624,7 @@ def test_epoch_checkpoints_have_one_layout_written_in_place_or_copied(tmp_path, 
                 run_config=RunConfig(name=f"in-place-{in_place}", storage_path=str(tmp_path)),
             ).fit()
             run = tmp_path / f"in-place-{in_place}"
-            folders = sorted(p for p in run.glob("checkpoint_*") if p.is_dir())
+            folders = checkpoint_folders(run)
             assert [f.name for f in folders] == ["checkpoint_epoch_0001", "checkpoint_epoch_0002"]
             for epoch, folder in enumerate(folders, 1):
                 assert [f.name for f in folder.iterdir()] == [STATE_FILE], in_place
@@ -654,7 +661,7 @@ def test_stage_on_an_existing_two_node_cluster(base_project, tmp_path, clean_env
         for key in METRICS:
             assert steps(root, metrics["run_id"], key) == list(range(1, EPOCHS + 1)), key
         ray_run = Path(runs[0].data.tags["ray_run"])
-        kept = sorted(p.name for p in ray_run.glob("checkpoint_*") if p.is_dir())
+        kept = [p.name for p in checkpoint_folders(ray_run)]
         assert f"checkpoint_epoch_{EPOCHS:04d}" in kept, kept
         assert (root / "models/model.pt").exists()
 
