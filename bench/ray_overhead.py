@@ -186,7 +186,8 @@ def _plain_ddp_rank(rank: int, params: Params, data: Processed, address: str, ou
     dist.init_process_group("gloo", init_method=address, rank=rank, world_size=world)
     try:
         comm = Comm(rank, world, device)
-        wrap = functools.partial(torch.nn.parallel.DistributedDataParallel, **ddp_options())
+        options = ddp_options(device, params.train.shared_memory_allreduce, one_host=True)
+        wrap = functools.partial(torch.nn.parallel.DistributedDataParallel, **options)
         images, labels = np.array(data.train_images), np.array(data.train_labels)
         loop = make_loop(loop_spec(params, data.meta), images, labels, comm, device, wrap=wrap)
         ends: list[float] = []
@@ -244,6 +245,71 @@ def allreduce_seconds(numel: int, calls: int = 200) -> dict[str, float]:
     return run_ranks(_allreduce_rank, 2, numel, calls)
 
 
+def _steps_rank(
+    rank: int, params: Params, data: Processed, steps: int, address: str, out: Any
+) -> None:
+    """One of `lockstep_cost`'s 2 processes: `steps` training steps of the loop's code (1
+    thread, `params`' batch, no DDP), timed one by one after 5 to warm up; rank 0 puts both
+    ranks' step seconds on `out`."""
+    import torch
+    import torch.distributed as dist
+    from torch import nn
+
+    from src.train import Comm, epoch_batches, epoch_rows, loop_spec, make_loop, train_epoch
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=address, rank=rank, world_size=2)
+    try:
+        device, spec = torch.device("cpu"), loop_spec(params, data.meta)
+        images, labels = np.array(data.train_images), np.array(data.train_labels)
+        loop = make_loop(spec, images, labels, Comm(0, 1, device), device)
+        batches: list[np.ndarray] = []
+        for epoch in range(1, spec.train["epochs"] + 1):
+            rows = epoch_rows(loop.train_rows, epoch, spec)
+            batches += epoch_batches(rows, epoch, spec.seed, 0, 1, loop.batch_size)
+        loss_fn = nn.CrossEntropyLoss(label_smoothing=spec.train["label_smoothing"])
+        args = (loop.optimizer, loop.scheduler, loss_fn, loop.autocast, loop.scaler)
+        train_epoch(loop.model, loop.data, batches[:5], *args)
+        dist.barrier()  # both start together, then run free: nothing is exchanged
+        marks = [time.perf_counter()]
+        hook = lambda _: marks.append(time.perf_counter())  # noqa: E731
+        train_epoch(loop.model, loop.data, batches[5 : 5 + steps], *args, on_step=hook)
+        both: list[Any] = [None, None]
+        dist.all_gather_object(both, np.diff(marks).tolist())
+        if rank == 0:
+            out.put(both)
+    finally:
+        dist.destroy_process_group()
+
+
+def lockstep_cost(raw: dict[str, Any], data: Processed, steps: int = 400) -> dict[str, Any]:
+    """What 2 DDP ranks lose to waiting for each other on this machine before any exchange:
+    2 processes run ray2's per-rank step (1 thread, half the batch) side by side, each on its
+    own (no DDP), timing every step. In lockstep each step would last as long as the slower
+    rank's; `lockstep` = the mean of the per-step maximum over the mean step, minus 1. Also the
+    steps' spread (`cv`: standard deviation over mean) and how slowly it moves (`lag1`: the
+    correlation of consecutive steps), averaged over the 2 processes."""
+    raw = copy.deepcopy(raw)
+    half = raw["train"]["batch_size"] // 2
+    steps_per_epoch = max(1, len(data.train_labels) // half)
+    epochs = -(-(steps + 5) // steps_per_epoch) + 1  # enough for the warm-up and the steps
+    params = variant_params(raw, 1, 1, epochs)
+    params = params.model_copy(
+        update={"train": params.train.model_copy(update={"batch_size": half})}
+    )
+    a, b = (np.array(x) for x in run_ranks(_steps_rank, 2, params, data, steps))
+    n = min(len(a), len(b))
+    mean = (a.mean() + b.mean()) / 2
+    return {
+        "steps": n,
+        "batch_size": half,
+        "step_s": float(mean),
+        "cv": float((a.std() / a.mean() + b.std() / b.mean()) / 2),
+        "lag1": float(np.mean([np.corrcoef(x[:-1], x[1:])[0, 1] for x in (a, b)])),
+        "lockstep": float(np.maximum(a[:n], b[:n]).mean() / mean - 1),
+    }
+
+
 def checkpoint_times(storage: Path) -> list[float]:
     """When each epoch's checkpoint was persisted (Ray reports them in epoch order)."""
     files = sorted(storage.glob("*/checkpoint_*/state.pt"), key=lambda p: p.stat().st_mtime)
@@ -278,9 +344,11 @@ def measure(
     rounds: int = 3,
     variants: tuple[str, ...] = tuple(VARIANTS),
     noise_limit: float = 0.10,
+    lockstep_steps: int = 400,
     log: Any = print,
 ) -> dict[str, Any]:
-    """Alternate the variants `rounds` times; medians and ratios against the plain loop.
+    """Alternate the variants `rounds` times; medians and ratios against the plain loop. With
+    a 2-process variant, also what lockstep costs on this machine (`lockstep_cost`).
 
     Args:
         raw: params as a dict (model and train sections are used; scaling is overridden).
@@ -302,6 +370,8 @@ def measure(
     ceiling = cpu_scaling()
     gradients = model_parameters(params["ray2"], data)
     allreduce = {"parameters": gradients, "seconds": allreduce_seconds(gradients)}
+    two = "plain2" in variants or "ray2" in variants
+    lockstep = lockstep_cost(raw, data, lockstep_steps) if two else None
     summary: dict[str, Any] = {}
     for name in variants:
         summary[name] = {
@@ -345,6 +415,7 @@ def measure(
         "round_ratios": round_ratios,
         "machine_scaling": ceiling,
         "allreduce": allreduce,
+        "lockstep": lockstep,
         "runs": [
             {
                 "variant": m.variant,

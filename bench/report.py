@@ -80,6 +80,8 @@ RAY_CODE = [
     "(`src.train.lean_trainer`, `src.train.drop_lone_process_group`)",
     "and each epoch's checkpoint written in place on a local instance (`src.train.report_epoch`)",
     "and the optimizer's update fused (`src.train.make_optimizer`)",
+    "and 2 workers on one host exchanging their gradients once a step, not twice (one DDP "
+    "bucket: `src.train.ddp_options`), dividing them on their way into shared memory",
 ]
 RAY_RUNS = [
     ("2026-12-01 00:31 UTC", "Intel", 0.784, 1.045, 0, "5 rounds of 4 epochs"),
@@ -120,6 +122,9 @@ RAY_RUNS = [
     ("2026-12-02 16:09 UTC", "AMD", 0.976, 0.942, 6, "7 rounds of 8 epochs, a fresh Ray "
      "instance per run, AMD EPYC family 26, a noisy host (ray1/plain rounds 0.868-1.192, "
      "ray2/ray1 0.893-1.078); plain2/plain 0.980, ray2/plain2 1.007"),
+    ("2026-12-02 16:46 UTC", "AMD", 1.009, 0.904, 7, "7 rounds of 8 epochs, a fresh Ray "
+     "instance per run, AMD EPYC family 26, a noisy host (rounds 0.81-1.33); plain2/plain "
+     "0.871, ray2/plain2 0.998"),
 ]  # fmt: skip
 
 
@@ -183,7 +188,27 @@ def _allreduce_text(r: dict[str, Any], batch: int) -> str:
             "each other at every step's all-reduce (the slower sets the pace; one preempted "
             "holds up the other)"
         )
-    return text
+    return text + _lockstep_text(r.get("lockstep"))
+
+
+def _lockstep_text(m: dict[str, Any] | None) -> str:
+    """What waiting for the slower rank costs on this machine (ray_overhead.lockstep_cost)."""
+    if not m:
+        return ""
+    return (
+        f". How much of that is this machine's: 2 processes running one rank's step each (1 "
+        f"thread, batch {m['batch_size']}) side by side without exchanging anything, "
+        f"{m['steps']} steps timed one by one, took {m['step_s'] * 1e3:.1f} ms a step, varying "
+        f"by {m['cv']:.1%} (standard deviation) from step to step, and slowly (consecutive "
+        f"steps correlate {m['lag1']:.2f}: a core runs fast or slow for stretches of steps, "
+        "the other on its own). In lockstep each step lasts as long as its slower rank's: "
+        f"the mean of the per-step maximum is **{m['lockstep']:.1%}** above the mean step. "
+        "That is what 2 DDP ranks lose on these cores before any exchange. Giving the faster rank more of each batch (by each rank's recent step times) would "
+        "win back about a third of it: replayed over one such record (800 steps each, "
+        "2026-12-02, AMD EPYC), 29.5 ms a step against 30.2 ms in lockstep and 28.1 ms for "
+        "the mean step; not done, as it would make 2-worker runs depend on timing, which "
+        "they now do not (the same seed gives the same weights)"
+    )
 
 
 def item_ray(r: dict[str, Any] | None) -> tuple[list[list[str]], str]:

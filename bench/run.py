@@ -81,6 +81,7 @@ def run_item(
             epochs=3 if quick else 8,
             rounds=1 if quick else 7,
             noise_limit=noise,
+            lockstep_steps=50 if quick else 400,
             log=log,
         )
     if name == "fashion":

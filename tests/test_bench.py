@@ -128,8 +128,11 @@ def test_ray_overhead_smoke(plain_data, tmp_path):
         rounds=1,
         variants=("plain", "ray2", "plain2"),
         noise_limit=1.0,
+        lockstep_steps=12,
     )
     saved("ray_overhead", result)
+    lockstep = result["lockstep"]
+    assert lockstep["steps"] == 12 and lockstep["step_s"] > 0 and lockstep["lockstep"] >= 0
     assert set(result["summary"]) == {"plain", "ray2", "plain2"}
     assert set(result["ratios"]) >= {"ray2/plain2 epoch_ips", "plain2/plain epoch_ips"}
     plain2 = next(r for r in result["runs"] if r["variant"] == "plain2")
