@@ -262,7 +262,7 @@ def item_ray(r: dict[str, Any] | None) -> tuple[list[list[str]], str]:
                 groups.append(f"{label}: " + "; ".join(runs))
         ratio_lines += (
             "\n\nEarlier full runs of this item (machine kind: Intel Xeon with AMX, or AMD "
-            f"EPYC, Zen 3 or family 26; the table counts the {kind} ones of the code measured "
+            f"EPYC, Zen 3, Zen 4 (family 25) or family 26; the table counts the {kind} ones of the code measured "
             "here), ray1/plain and ray2/ray1 epoch images/s (medians of the rounds' ratios), "
             + "; ".join(groups)
             + ". The verdict in the table is this run's; between runs the ratios moved by more "
@@ -366,6 +366,9 @@ def item_ray(r: dict[str, Any] | None) -> tuple[list[list[str]], str]:
         text += (
             f". Ray's extra CPU is {extra:.1f} points of the {gap:.1f}-point gap in training pass "
             "speed, up to twice that with the barrier waits"
+            if gap > extra
+            else f". Ray's extra CPU ({extra:.1f} points) covers all of the {gap:.1f}-point gap "
+            "between the variants' median training pass speeds"
         )
         text += (
             ". Tried without gain: Ray's helpers at nice 19 or SCHED_IDLE, the worker's compute "
