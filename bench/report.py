@@ -125,6 +125,10 @@ RAY_RUNS = [
     ("2026-12-02 16:46 UTC", "AMD", 1.009, 0.904, 7, "7 rounds of 8 epochs, a fresh Ray "
      "instance per run, AMD EPYC family 26, a noisy host (rounds 0.81-1.33); plain2/plain "
      "0.871, ray2/plain2 0.998"),
+    ("2026-12-03 06:17 UTC", "AMD", 0.938, 0.999, 8, "7 rounds of 8 epochs, a fresh Ray "
+     "instance per run, AMD EPYC family 25 (Zen 4), the noisiest host yet (rounds 0.80-1.39, "
+     "the plain loop 2,462-3,426 images/s); the variants' medians gave 0.981 and 1.000; "
+     "plain2/plain 1.019, ray2/plain2 0.909"),
 ]  # fmt: skip
 
 
