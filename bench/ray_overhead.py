@@ -289,24 +289,19 @@ def lockstep_cost(raw: dict[str, Any], data: Processed, steps: int = 400) -> dic
     rank's; `lockstep` = the mean of the per-step maximum over the mean step, minus 1. Also the
     steps' spread (`cv`: standard deviation over mean) and how slowly it moves (`lag1`: the
     correlation of consecutive steps), averaged over the 2 processes."""
-    raw = copy.deepcopy(raw)
     half = raw["train"]["batch_size"] // 2
     steps_per_epoch = max(1, len(data.train_labels) // half)
     epochs = -(-(steps + 5) // steps_per_epoch) + 1  # enough for the warm-up and the steps
-    params = variant_params(raw, 1, 1, epochs)
-    params = params.model_copy(
-        update={"train": params.train.model_copy(update={"batch_size": half})}
-    )
+    params = variant_params({**raw, "train": {**raw["train"], "batch_size": half}}, 1, 1, epochs)
     a, b = (np.array(x) for x in run_ranks(_steps_rank, 2, params, data, steps))
-    n = min(len(a), len(b))
-    mean = (a.mean() + b.mean()) / 2
+    mean = (a.mean() + b.mean()) / 2  # both ranks ran the same `steps` batches
     return {
-        "steps": n,
+        "steps": len(a),
         "batch_size": half,
         "step_s": float(mean),
         "cv": float((a.std() / a.mean() + b.std() / b.mean()) / 2),
         "lag1": float(np.mean([np.corrcoef(x[:-1], x[1:])[0, 1] for x in (a, b)])),
-        "lockstep": float(np.maximum(a[:n], b[:n]).mean() / mean - 1),
+        "lockstep": float(np.maximum(a, b).mean() / mean - 1),
     }
 
 

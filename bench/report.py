@@ -209,11 +209,11 @@ def _lockstep_text(m: dict[str, Any] | None) -> str:
         f"the mean of the per-step maximum is **{m['lockstep']:.1%}** above the mean step. "
         "That is what 2 DDP ranks lose on these cores before any exchange; one process's 2 "
         "threads meet at the end of every op and are exposed to the same drift, as spinning "
-        "rather than idle time (libgomp's barrier spin was 13.5% of the plain loop's sampled compute "
-        "time in the profile above). Giving the faster rank more of each batch (by each "
-        "rank's recent step times) would win back about a third of it: replayed over one such record (800 steps each, "
-        "2026-12-02, AMD EPYC), 29.5 ms a step against 30.2 ms in lockstep and 28.1 ms for "
-        "the mean step; not done, as it would make 2-worker runs depend on timing, which "
+        "rather than idle time (libgomp's barrier spin was 13.5% of the plain loop's sampled "
+        "compute time in the profile above). Giving the faster rank more of each batch (by "
+        "each rank's recent step times) would win back about a third of it: replayed over one "
+        "such record (800 steps each, 2026-12-02, AMD EPYC), 29.5 ms a step against 30.2 ms "
+        "in lockstep and 28.1 ms for the mean step; not done, as it would make 2-worker runs depend on timing, which "
         "they now do not (the same seed gives the same weights)"
     )
 

@@ -149,9 +149,8 @@ def test_ddp_trains_through_shared_memory_exactly_as_through_gloo(raw_params):
     (way, counts, history, weights), (gloo_way, _, gloo_history, gloo_weights) = runs.values()
     assert (way, gloo_way) == ("shared memory", "gloo")
     exchanges, steps = counts
-    assert (
-        steps > 1 and exchanges == steps
-    )  # one bucket: one exchange (one wait) a step, where DDP makes 2
+    # one bucket: one exchange (one wait) a step, where DDP's default buckets make 2
+    assert steps > 1 and exchanges == steps
     numbers = [{k: v for k, v in e.items() if "sec" not in k} for e in history]
     assert numbers == [{k: v for k, v in e.items() if "sec" not in k} for e in gloo_history]
     for key, value in weights.items():
