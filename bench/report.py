@@ -71,17 +71,18 @@ def _context(r: dict[str, Any]) -> str:
 # how the run differed. Only runs of this code (RAY_CODE's last) on the same machine kind as this
 # run count in the table. Add a line when item 1 is re-measured, a version when the code changes.
 RAY_CODE = [
-    "before the training loop kept its freed memory (`src.train.keep_freed_memory`)",
-    "with it, Ray Train still starting its dataset manager and placement-group cleaner",
+    "the first measured: the training loop still giving its freed memory back to the system",
+    "the loop keeping its freed memory (`src.train.keep_freed_memory`); Ray Train still starting "
+    "its dataset manager and placement-group cleaner",
     "without those two (`src.train.lean_trainer`)",
     "2 workers summing gradients through shared memory (`src.allreduce`) instead of gloo",
-    "and every training process's large tensors on transparent huge pages (`src.train.WORKER_ENV`)",
-    "and no autoscaling coordinator on a local instance, no process group for 1 worker "
+    "every training process's large tensors on transparent huge pages (`src.train.WORKER_ENV`)",
+    "no autoscaling coordinator on a local instance, no process group for 1 worker "
     "(`src.train.lean_trainer`, `src.train.drop_lone_process_group`)",
-    "and each epoch's checkpoint written in place on a local instance (`src.train.report_epoch`)",
-    "and the optimizer's update fused (`src.train.make_optimizer`)",
-    "and 2 workers on one host exchanging their gradients once a step, not twice (one DDP "
-    "bucket: `src.train.ddp_options`), dividing them on their way into shared memory",
+    "each epoch's checkpoint written in place on a local instance (`src.train.report_epoch`)",
+    "the optimizer's update fused (`src.train.make_optimizer`)",
+    "2 workers on one host exchanging their gradients once a step, not twice (one DDP bucket: "
+    "`src.train.ddp_options`), dividing them on their way into shared memory",
 ]
 RAY_RUNS = [
     ("2026-12-01 00:31 UTC", "Intel", 0.784, 1.045, 0, "5 rounds of 4 epochs"),
@@ -129,6 +130,10 @@ RAY_RUNS = [
      "instance per run, AMD EPYC family 25 (Zen 4), the noisiest host yet (rounds 0.80-1.39, "
      "the plain loop 2,462-3,426 images/s); the variants' medians gave 0.981 and 1.000; "
      "plain2/plain 1.019, ray2/plain2 0.909"),
+    ("2026-12-03 07:23 UTC", "AMD", 0.901, 1.008, 8, "7 rounds of 8 epochs, a fresh Ray "
+     "instance per run, AMD EPYC family 25 (Zen 4), a noisy host (ray1/plain rounds "
+     "0.798-1.109, the plain loop 2,385-3,449 images/s); the variants' medians gave 0.925 and "
+     "1.043; plain2/plain 0.973, ray2/plain2 0.935"),
 ]  # fmt: skip
 
 
@@ -166,56 +171,300 @@ def _signed(cost: float) -> str:
     return f"{cost:.1%}" if cost >= 0 else f"{cost:.1%} (its runs were the faster ones)"
 
 
-def _allreduce_text(r: dict[str, Any], batch: int) -> str:
-    """How long a step's all-reduce takes alone, each way measured, against plain2's step."""
+def _bullets(items: list[str]) -> str:
+    """A markdown list of the non-empty `items`, each ending with a full stop."""
+    return "\n".join(f"- {x[0].upper()}{x[1:]}." for x in items if x)
+
+
+def _allreduce_lines(r: dict[str, Any], batch: int) -> list[str]:
+    """How long a step's all-reduce takes alone, each way measured, against plain2's step, and
+    what the 2 processes' compute threads got done."""
     ar, p2, plain = r.get("allreduce"), r["summary"].get("plain2"), r["summary"].get("plain")
     if not ar or not p2:
-        return ""
+        return []
     step = batch / p2["loop_ips"]  # seconds per global batch of the 2 processes
     when = f", {ar['note']}" if ar.get("note") else ""
     ways = "; ".join(
         f"{name}: {v * 1e3:.2f} ms ({v / step:.1%} of the step)"
         for name, v in ar["seconds"].items()
     )
-    text = (
-        f". An all-reduce of the model's {ar['parameters']:,} gradients "
+    lines = [
+        f"an all-reduce of the model's {ar['parameters']:,} gradients "
         f"({ar['parameters'] * 4 / 2**20:.1f} MiB of float32) between 2 processes (1 thread "
         f"each, nothing else running{when}) takes, against plain2's step of "
         f"{step * 1e3:.1f} ms, {ways}"
-    )
+    ]
     if plain and p2.get("compute_cpus") and plain.get("ips_per_cpu"):
-        text += (
-            f". plain2's compute threads held {p2['compute_cpus']:.2f} CPUs against "
+        lines.append(
+            f"plain2's compute threads held {p2['compute_cpus']:.2f} CPUs against "
             f"{plain['compute_cpus']:.2f} for the plain loop's and trained "
             f"{p2['ips_per_cpu'] / plain['ips_per_cpu']:.3f} times its images per CPU second "
             "(one thread a process: no OpenMP barriers): the 2 processes lose time waiting for "
             "each other at every step's all-reduce (the slower sets the pace; one preempted "
             "holds up the other)"
         )
-    return text + _lockstep_text(r.get("lockstep"))
+    return lines
 
 
-def _lockstep_text(m: dict[str, Any] | None) -> str:
+def _lockstep_lines(m: dict[str, Any] | None) -> list[str]:
     """What waiting for the slower rank costs on this machine (ray_overhead.lockstep_cost)."""
     if not m:
-        return ""
-    return (
-        f". How much of that is this machine's: 2 processes running one rank's step each (1 "
+        return []
+    return [
+        f"how much of that is this machine's: 2 processes running one rank's step each (1 "
         f"thread, batch {m['batch_size']}) side by side without exchanging anything, "
         f"{m['steps']} steps timed one by one, took {m['step_s'] * 1e3:.1f} ms a step, varying "
         f"by {m['cv']:.1%} (standard deviation) from step to step, and slowly (consecutive "
         f"steps correlate {m['lag1']:.2f}: a core runs fast or slow for stretches of steps, "
         "the other on its own). In lockstep each step lasts as long as its slower rank's: "
         f"the mean of the per-step maximum is **{m['lockstep']:.1%}** above the mean step. "
-        "That is what 2 DDP ranks lose on these cores before any exchange; one process's 2 "
-        "threads meet at the end of every op and are exposed to the same drift, as spinning "
-        "rather than idle time (libgomp's barrier spin was 13.5% of the plain loop's sampled "
-        "compute time in the profile above). Giving the faster rank more of each batch (by "
-        "each rank's recent step times) would win back about a third of it: replayed over one "
-        "such record (800 steps each, 2026-12-02, AMD EPYC), 29.5 ms a step against 30.2 ms "
-        "in lockstep and 28.1 ms for the mean step; not done, as it would make 2-worker runs depend on timing, which "
-        "they now do not (the same seed gives the same weights)"
+        "That is what 2 DDP ranks lose on these cores before any exchange. One process's 2 "
+        "threads meet at the end of every op and meet the same drift, as spinning rather than "
+        "idle time (libgomp's barrier spin was 13.5% of the plain loop's sampled compute time "
+        "in the profile under *Tried without gain*)",
+        "giving the faster rank more of each batch (by each rank's recent step times) would "
+        "win back about a third of it: replayed over one such record (800 steps each, "
+        "2026-12-02, AMD EPYC), 29.5 ms a step against 30.2 ms in lockstep and 28.1 ms for the "
+        "mean step. Not done: it would make 2-worker runs depend on timing, which they now do "
+        "not (the same seed gives the same weights)",
+    ]
+
+
+def _ray1_lines(r: dict[str, Any]) -> list[str]:
+    """Where ray1's time goes against the plain loop's, from the CPU accounting of the runs."""
+    s, ratios = r["summary"], r["ratios"]
+    ray1, plain = s["ray1"], s["plain"]
+    if "ray_share" not in ray1 or "ray_share" not in plain:
+        return [
+            "Ray adds only the report and checkpoint to an epoch: both run the same training "
+            "pass code on 2 threads, so a gap there is this machine's run-to-run noise"
+        ]
+    top = ", ".join(f"{k} {v:.1%}" for k, v in list(ray1["ray_processes"].items())[:5])
+    lines = [
+        "both run the same training pass code on 2 threads. During ray1's epochs Ray's own "
+        f"processes used {ray1['ray_share']:.1%} of the CPUs (largest: {top}) against "
+        f"{plain['ray_share']:.1%} beside the plain loop (an idle instance); the worker used "
+        f"{ray1['worker_share']:.1%}"
+    ]
+    if "preemptions_per_s" in ray1 and "preemptions_per_s" in plain:
+        lines.append(
+            f"the worker process was preempted {ray1['preemptions_per_s']:,.0f} times a second "
+            f"(all its threads) against {plain['preemptions_per_s']:,.0f} for the plain loop's: "
+            "every Ray process wakes about 100 times a second (its core worker's 10 ms signal "
+            "check), and Ray Train runs 2 of them beside the worker on a local instance (the "
+            "controller and its synchronisation actor) plus the worker's own idle main thread"
+        )
+    if "idle_share" in ray1 and "idle_share" in plain:
+        lines.append(
+            f"no process used {ray1['idle_share']:.1%} of the CPUs' time during ray1's epochs "
+            f"against {plain['idle_share']:.1%} beside the plain loop (the hypervisor took "
+            f"{ray1['steal_share']:.1%} and {plain['steal_share']:.1%}): a worker that waits "
+            "leaves its cores idle, as at the end of each epoch, where Ray's report agrees on "
+            "the checkpoint's name with the synchronisation actor"
+        )
+    if "waiting_s_per_s" in ray1 and "waiting_s_per_s" in plain:
+        lines.append(
+            f"its threads waited for a CPU {ray1['waiting_s_per_s']:.3f} s per second (summed "
+            f"over its threads) against {plain['waiting_s_per_s']:.3f} s for the plain loop's. "
+            "A thread that waits holds up its partner at the barrier that ends each op, which "
+            "spins meanwhile (CPU time spent, no work done): on a machine whose 2 cores both "
+            "compute, Ray's CPU can cost up to twice its share"
+        )
+    if "ray1/plain ips_per_cpu" in ratios:
+        held, per_cpu = ratios["ray1/plain compute_cpus"], ratios["ray1/plain ips_per_cpu"]
+        lines.append(
+            "the worker's compute threads (the training thread and its OpenMP partner) held "
+            f"{ray1['compute_cpus']:.2f} of the {r['machine']['cores']} CPUs against "
+            f"{plain['compute_cpus']:.2f} for the plain loop's (ratio {held:.3f}), and per "
+            f"second of those threads' CPU time they trained {per_cpu:.3f} times the images the "
+            "plain loop's did"
+            + (
+                ": the gap is CPU time Ray's processes take from the training threads, not "
+                "slower work"
+                if per_cpu >= 0.98
+                else ": the gap is both less CPU and less work per CPU second; a compute thread "
+                "spinning at a barrier while its partner is preempted spends CPU time on no "
+                "work (how the two split moves between runs)"
+            )
+        )
+    gap = (1 - ray1["loop_ips"] / plain["loop_ips"]) * 100
+    extra = (ray1["ray_share"] - plain["ray_share"]) * 100
+    lines.append(
+        f"Ray's extra CPU is {extra:.1f} points of the {gap:.1f}-point gap in training pass "
+        "speed, up to twice that with the barrier waits"
+        if gap > extra
+        else f"Ray's extra CPU ({extra:.1f} points) covers all of the {gap:.1f}-point gap "
+        "between the variants' median training pass speeds"
     )
+    lines.append(
+        "what is left is fixed in Ray: each Ray process's core worker checks for signals every "
+        "10 ms (a period hard-coded in `CoreWorker::RunTaskExecutionLoop`), so the helper "
+        "processes Train v2 still starts per run (the controller and the synchronisation "
+        "actor) and the worker's own idle main thread cost each about 0.35% of the CPUs, and "
+        "each wake-up preempts a compute thread whose partner then waits at the next barrier"
+    )
+    return lines
+
+
+# What was changed on the way to item 1's figures, each with its measured effect, oldest first.
+RAY_FIXED = [
+    "2026-12-01, `src.train.keep_freed_memory`: glibc's malloc mapped each step's large tensors "
+    "afresh and unmapped them when freed, so a new worker page-faulted its working set in again "
+    "every step (100-150 thousand faults a second, in the training thread while its partner "
+    "waited), where the long-lived driver of the plain loop faulted less (glibc raises its "
+    "threshold as a process runs). The loop now keeps freed memory and trains without page "
+    "faults in both",
+    "2026-12-02, `src.train.lean_trainer`: Ray Train v2 also started a dataset manager (for Ray "
+    "Data shards; the stage passes no Ray Dataset) and a placement-group cleaner (it queries "
+    "the actor state every second, to free the workers' placement group should the controller "
+    "die; a local Ray instance frees it at shutdown), the cleaner the busiest of the helpers "
+    "(1.6% of a CPU with an idle training function, against 0.7-1.3% for the others, Intel "
+    "Xeon). The stage now leaves both out (the cleaner stays on a cluster at RAY_ADDRESS): 1 "
+    "worker through Ray Train went from 0.932 to 0.976 of the plain loop's training pass "
+    "images/s, faster in each of 4 alternated rounds of 10 epochs (Intel Xeon)",
+    "2026-12-02, `src.train.WORKER_ENV`: every training process starts with "
+    "THP_MEM_ALLOC_ENABLE=1 (torch's CPU tensors of 2 MiB and more on transparent huge pages). "
+    "In 6 paired rounds (a plain loop and a 1-worker Ray run with it and without, order "
+    "alternated, 8 epochs each, Intel Xeon model 167) the plain loop gained 2.5-11.3% (median "
+    "6.2%) and the Ray worker 1.9-10.3% (median 6.7%): faster on both sides, so ray1/plain did "
+    "not move (0.947 with, 0.968 without, within the rounds' 0.92-0.98)",
+    "2026-12-02, `src.train.lean_trainer` and `src.train.drop_lone_process_group`: a 1-worker "
+    "fit runs with two wakers fewer. On a local instance a fixed worker count goes through a "
+    "scaling policy that sends no resource requests, so Train starts no autoscaling "
+    "coordinator, and a lone worker destroys the process group Ray Train made for it, whose "
+    "gloo transport thread woke 100 times a second. A/B, 8 alternated rounds of 6 epochs, "
+    "fresh instances: the worker was preempted 625 times a second instead of 725 and trained "
+    "1.009 times as fast (rounds 0.977-1.051). 6 alternated rounds of 2 workers with and "
+    "without the coordinator gave 1.018 without (0.942-1.066): the lean fit does not slow 2 "
+    "workers",
+    "2026-12-02, `src.allreduce`: gloo summed the 2 workers' gradients over TCP loopback, and "
+    "in place that cost far more than alone: 2 processes that skip the all-reduce (a "
+    "diagnosis, their models drift apart) trained at 1.156 of the plain loop's speed against "
+    "0.936 with gloo's (3 alternated rounds of 10 epochs, Intel Xeon): about 6.7 ms a step "
+    "where it takes 2.5 ms alone. Summing through shared memory instead took plain2 from 0.894 "
+    "to 0.982 of the plain loop's speed (shared memory / gloo 1.108; 3 alternated rounds of 4 "
+    "epochs, same day and machine)",
+    "2026-12-02, `src.train.report_epoch` (AMD EPYC, family 26): at each epoch's end rank 0 "
+    "saved its checkpoint in a temporary folder, Ray copied it into the run folder (pyarrow's "
+    "copy_files), and the other rank waited at the report's barrier; the CPUs sat idle "
+    "meanwhile (sampled every 10 ms during a 1-worker fit: 4.3% idle within 0.3 s of an "
+    "epoch's end, 0.05% elsewhere). Rank 0 now writes the file straight into the run folder "
+    "and reports it there (on a local instance): the CPUs then sat idle 0.0% of the time near "
+    "an epoch's end. The two ways alternated epoch by epoch within one fit (24 epochs): the end "
+    "of an epoch took 10.5 ms instead of 15.4 ms for 1 worker, and 12.9 ms instead of 32.8 ms "
+    "for 2 (medians; torch.save alone takes about 3 ms)",
+    "2026-12-02, `src.train.make_optimizer`: the optimizer's update is fused (one kernel over "
+    "all parameters, where torch's default on CPU loops over them tensor by tensor on one "
+    "thread): 1.6 ms a step against 0.8 ms, and a training step 1.9% (1 thread, batch 64) to "
+    "2.4% (2 threads, batch 128) shorter, the two alternated in blocks of 10 steps in one "
+    "process (AMD EPYC, family 26). It shortens the plain loop as much as the Ray runs",
+    "2026-12-02, `src.train.ddp_options`: 2 CPU workers on one host put their gradients in one "
+    "DDP bucket, so they exchange and wait once a step instead of twice, and `src.allreduce` "
+    "divides on the way into shared memory (one pass instead of two). Alternated with the "
+    "former two buckets in 80 rounds of 30 steps (AMD EPYC, family 26): each rank waited 1.60 "
+    "ms a step instead of 1.69 and the pair trained 2.2% more images/s, faster in 51 rounds",
+]
+
+# What was tried against item 1's gaps and kept out, with what it showed.
+RAY_TRIED = [
+    "Ray's helpers at nice 19 or SCHED_IDLE, the worker's compute threads at nice 0 instead of "
+    "Ray's 15, RAY_worker_niceness=0, Ray Train's metrics off and a 2 s health check, libgomp "
+    "spinning 0 or 20,000 turns before sleeping at a barrier (GOMP_SPINCOUNT), one malloc "
+    "arena (MALLOC_ARENA_MAX=1): no gain",
+    "the controller polling its workers every 2 s instead of 0.5 s: 0.953 of the plain loop "
+    "against 0.960 for the stage's setting (3 alternated rounds, fresh instances, Intel Xeon)",
+    "what an idle Ray process costs, paired within one run (the plain loop, 32 epochs, beside 4 "
+    "idle Ray actors stopped with SIGSTOP on every other epoch): the epochs beside the running "
+    "actors trained at 0.967 of the speed of the epochs beside the stopped ones (median of 15 "
+    "pairs, 0.934-1.003), about 0.8% a process; at SCHED_IDLE or SCHED_BATCH they still cost "
+    "2.5% (0.975 both). The same pairing beside the Ray worker (4 extra idle actors, 30 epochs) "
+    "gave the opposite sign (1.026: faster beside the running actors), so stopping Ray "
+    "processes is no clean diagnosis there; an earlier one (Train's helpers stopped during the "
+    "epochs) proves nothing either way",
+    "training in a thread is not the cause (Ray Train v2 runs the train function in a thread "
+    "of the worker): the same loop alternated in short blocks between a process's main thread "
+    "and a second thread ran at the same speed (thread/main 0.97-1.04, medians of 6 runs of "
+    "12-15 pairs, AMD EPYC), and a sampled profile (perf, cpu-clock) of the worker's compute "
+    "threads has the same hot spots in the same shares as the plain loop's, libgomp's barrier "
+    "spinning included (13.6% against 13.5%)",
+    "being a Ray worker is not the cost: the same plain loop run inside a bare Ray actor (no "
+    "Ray Train) trained at 1.002 of the driver's speed, 0.994 in a thread of the actor as "
+    "Train v2 runs it (3 alternated rounds; 1.033 in another 4), with fewer preemptions than "
+    "the driver's (290 a second against 470)",
+    "DDP's fp16 compression hook for gloo: slower (0.923 of the plain loop against 0.966)",
+    "for 2 workers, pinning each rank to a CPU, or spinning 50 ms before sleeping in the "
+    "shared-memory wait: no clear gain",
+]
+
+
+def _ray_earlier(kind: str) -> str:
+    """The earlier full runs of item 1 as a table, with the code versions they measured."""
+    rows = ["| when | machine | code | ray1/plain | ray2/ray1 | how the run went |",
+            "|---|---|---|---|---|---|"]  # fmt: skip
+    rows += [
+        f"| {when} | {k} | {code + 1} | {a:.3f} | {b:.3f} | {what} |"
+        for when, k, a, b, code, what in RAY_RUNS
+    ]
+    versions = "\n".join(f"{i}. {label[0].upper()}{label[1:]}." for i, label in
+                         enumerate(RAY_CODE, 1))  # fmt: skip
+    return (
+        "### Earlier runs\n\n"
+        "Full runs of this item before this one, ray1/plain and ray2/ray1 epoch images/s "
+        "(medians of the rounds' ratios). The machine kinds: Intel Xeon with AMX, or AMD EPYC "
+        f"(Zen 3, Zen 4 of family 25, or family 26); the table at the top counts the {kind} "
+        f"runs of code {len(RAY_CODE)}, the code measured here. Between runs the ratios moved "
+        "by more than the gaps they measure, so read them together: across runs the worker's images per CPU "
+        "second moved by up to 10% between fresh instances on the same CPU share (4,000 against "
+        "4,600 images/s, compute threads at 1.90 CPUs in both, Intel Xeon).\n\n"
+        + "\n".join(rows)
+        + "\n\nCode versions, each with all the changes before it:\n\n"
+        + versions
+        + "\n\n"
+    )
+
+
+def _pair_lines(x: dict[str, Any], y: dict[str, Any]) -> str:
+    """Where an epoch's time goes in variant x against y (medians), as one line."""
+    rest_x, rest_y = x["epoch_s"] - x["train_pass_s"], y["epoch_s"] - y["train_pass_s"]
+    return (
+        f"per epoch: the training pass takes {x['train_pass_s']:.2f} s against "
+        f"{y['train_pass_s']:.2f} s ({x['train_pass_s'] / y['train_pass_s'] - 1:+.1%}); the "
+        "rest of the epoch (validation, and for Ray the report and checkpoint) "
+        f"{rest_x:.2f} s against {rest_y:.2f} s ({rest_x - rest_y:+.2f} s, "
+        f"{(rest_x - rest_y) / x['epoch_s']:+.1%} of the epoch)"
+    )
+
+
+def _in_short(r: dict[str, Any]) -> str:
+    """Item 1's findings in a few lines, from this run's figures."""
+    s, ratios, rounds = r["summary"], r["ratios"], r.get("round_ratios", {})
+    over = ratios.get("ray1/plain epoch_ips")
+    if over is None or "ray_share" not in s.get("ray1", {}) or "ray_share" not in s["plain"]:
+        return ""
+    ray1, plain = s["ray1"], s["plain"]
+    spread = rounds.get("ray1/plain epoch_ips", [])
+    text = (
+        f"**In short.** 1 worker through Ray Train trained at {over:.3f} of the plain loop's "
+        "epoch images/s in this run. Both run the same training pass; what Ray adds is its own "
+        f"processes beside the worker ({(ray1['ray_share'] - plain['ray_share']) * 100:.1f} "
+        "points more of the CPUs"
+    )
+    if "preemptions_per_s" in ray1 and "preemptions_per_s" in plain:
+        text += (
+            f"; the worker was preempted {ray1['preemptions_per_s']:,.0f} times a second against "
+            f"{plain['preemptions_per_s']:,.0f}"
+        )
+    text += (
+        ") and a report and checkpoint at each epoch's end. Each Ray process wakes 100 times a "
+        "second, a period hard-coded in Ray, and where both cores compute each wake-up stalls a "
+        "compute thread and its partner."
+    )
+    if spread:
+        text += (
+            f" The rounds of this run ranged {min(spread):.3f}-{max(spread):.3f}: this machine's "
+            "speed drifts by more than the gap measured, so read the earlier runs too."
+        )
+    return text + "\n\n"
 
 
 def item_ray(r: dict[str, Any] | None) -> tuple[list[list[str]], str]:
@@ -260,54 +509,22 @@ def item_ray(r: dict[str, Any] | None) -> tuple[list[list[str]], str]:
             f"ray1/plain {s['ray1']['epoch_ips'] / s['plain']['epoch_ips']:.3f}, ray2/ray1 "
             f"{s['ray2']['epoch_ips'] / s['ray1']['epoch_ips']:.3f}."
         )
-    if RAY_RUNS:
-        groups = []
-        for code, label in enumerate(RAY_CODE):
-            runs = [f"{when}, {k}: {a:.3f} and {b:.3f} ({what})"
-                    for when, k, a, b, c, what in RAY_RUNS if c == code]  # fmt: skip
-            if runs:
-                groups.append(f"{label}: " + "; ".join(runs))
-        ratio_lines += (
-            "\n\nEarlier full runs of this item (machine kind: Intel Xeon with AMX, or AMD "
-            f"EPYC, Zen 3, Zen 4 (family 25) or family 26; the table counts the {kind} ones of the code measured "
-            "here), ray1/plain and ray2/ray1 epoch images/s (medians of the rounds' ratios), "
-            + "; ".join(groups)
-            + ". The verdict in the table is this run's; between runs the ratios moved by more "
-            "than the gaps they measure, so read them together."
-        )
     batch = r["setup"]["batch_size"]
-    why = {
-        ("ray1", "plain"): "Ray adds only the report and checkpoint to an epoch: both run the "
-        "same training pass code on 2 threads, so a gap there is this machine's run-to-run noise",
-        ("ray2", "ray1"): f"each of the 2 DDP workers computes half of each batch of {batch} on 1 "
-        "thread and all-reduces the gradients every step (through shared memory: "
-        "`src.allreduce`), where the single worker splits the same batch over 2 threads with no "
-        "exchange",
-        ("plain2", "plain"): "plain2 is ray2's loop without Ray: 2 processes, each computing half "
-        f"of each batch of {batch} on 1 thread and all-reducing the gradients every step (shared "
-        "memory), against one process splitting each op over 2 threads: what DDP over 2 processes "
-        "gains or loses on these 2 cores before Ray adds anything"
-        + _allreduce_text(r, batch)
-        + ". Until `src.allreduce`, gloo summed them over TCP loopback, and in place that cost "
-        "far more than alone: 2 processes that skip the all-reduce (a diagnosis, their models "
-        "drift apart) trained at 1.156 of the plain loop's speed against 0.936 with gloo's (3 "
-        "alternated rounds of 10 epochs, 2026-12-02, Intel Xeon): about 6.7 ms a step where it "
-        "takes 2.5 ms alone; DDP's fp16 compression hook made it slower (0.923 against 0.966). "
-        "The shared-memory all-reduce took plain2 from 0.894 to 0.982 of the plain loop's speed "
-        "(shared memory / gloo 1.108; 3 alternated rounds of 4 epochs, same day and machine); "
-        "what is left is the 2 processes waiting for each other at every step",
-        ("ray2", "plain2"): "the same DDP loop on 2 processes either way; Ray adds its processes "
-        "beside the workers and a report and checkpoint per epoch: what Ray costs 2 workers",
-    }
+    ray2_ray1 = (
+        f"each of the 2 DDP workers computes half of each batch of {batch} on 1 thread and "
+        "all-reduces the gradients every step (through shared memory: `src.allreduce`), where "
+        "the single worker splits the same batch over 2 threads with no exchange"
+    )
     if "plain2/plain epoch_ips" in ratios and "ray2/plain2 epoch_ips" in ratios:
-        why[("ray2", "ray1")] += (
+        cost2 = 1 - ratios["ray2/plain2 epoch_ips"]
+        ray2_ray1 += (
             ". plain2 (below) separates DDP from Ray: without Ray, DDP over 2 processes trains "
             f"at {ratios['plain2/plain epoch_ips']:.3f} of the plain loop's speed on these 2 "
-            f"cores, and Ray costs the 2 workers {_signed(1 - ratios['ray2/plain2 epoch_ips'])}"
+            f"cores, and Ray costs the 2 workers {_signed(cost2)}"
         )
-        if "ray1/plain epoch_ips" in ratios:
-            cost2, cost1 = 1 - ratios["ray2/plain2 epoch_ips"], 1 - ratios["ray1/plain epoch_ips"]
-            why[("ray2", "ray1")] += (
+        if over is not None:
+            cost1 = 1 - over
+            ray2_ray1 += (
                 f" as it costs the 1 worker {_signed(cost1)}: 2 workers gain over 1 about what 2 "
                 "processes gain over 1 without Ray"
                 if abs(cost2 - cost1) <= 0.02
@@ -317,176 +534,32 @@ def item_ray(r: dict[str, Any] | None) -> tuple[list[list[str]], str]:
                 + ("less" if cost2 > cost1 else "more")
                 + " over 1 than 2 processes do without Ray"
             )
-    if "ray_share" in s.get("ray1", {}) and "ray_share" in s.get("plain", {}):
-        ray1, plain = s["ray1"], s["plain"]
-        top = ", ".join(f"{k} {v:.1%}" for k, v in list(ray1["ray_processes"].items())[:5])
-        gap = (1 - ray1["loop_ips"] / plain["loop_ips"]) * 100
-        extra = (ray1["ray_share"] - plain["ray_share"]) * 100
-        text = (
-            f"both run the same training pass code on 2 threads. During ray1's epochs Ray's own "
-            f"processes used {ray1['ray_share']:.1%} of the CPUs (largest: {top}) against "
-            f"{plain['ray_share']:.1%} beside the plain loop (an idle instance); the "
-            f"worker used {ray1['worker_share']:.1%}"
-        )
-        if "preemptions_per_s" in ray1 and "preemptions_per_s" in plain:
-            text += (
-                f". The worker process was preempted {ray1['preemptions_per_s']:,.0f} times a "
-                f"second (all its threads) against {plain['preemptions_per_s']:,.0f} for the "
-                "plain loop's: every Ray process wakes about 100 times a second (its core "
-                "worker's 10 ms signal check), and Ray Train runs 2 of them beside the worker "
-                "on a local instance (the controller and its synchronisation actor) plus the "
-                "worker's own idle main thread"
-            )
-        if "idle_share" in ray1 and "idle_share" in plain:
-            text += (
-                f". No process used {ray1['idle_share']:.1%} of the CPUs' time during ray1's "
-                f"epochs against {plain['idle_share']:.1%} beside the plain loop (the "
-                f"hypervisor took {ray1['steal_share']:.1%} and {plain['steal_share']:.1%}): "
-                "a worker that waits leaves its cores idle, as at the end of each epoch, where "
-                "Ray's report agrees on the checkpoint's name with the synchronisation actor"
-            )
-        if "waiting_s_per_s" in ray1 and "waiting_s_per_s" in plain:
-            text += (
-                f". Its threads waited for a CPU {ray1['waiting_s_per_s']:.3f} s per second "
-                f"(summed over its threads) against {plain['waiting_s_per_s']:.3f} s for the "
-                "plain loop's, and a thread that waits holds up its partner at the barrier that "
-                "ends each op, which spins meanwhile (CPU time spent, no work done): on a "
-                "machine whose 2 cores both compute, Ray's CPU can cost up to twice its share"
-            )
-        if "ray1/plain ips_per_cpu" in ratios:
-            held, per_cpu = ratios["ray1/plain compute_cpus"], ratios["ray1/plain ips_per_cpu"]
-            text += (
-                f". The worker's compute threads (the training thread and its OpenMP partner) "
-                f"held {ray1['compute_cpus']:.2f} of the {r['machine']['cores']} CPUs against "
-                f"{plain['compute_cpus']:.2f} for the plain loop's (ratio {held:.3f}), and per "
-                f"second of those threads' CPU time they trained {per_cpu:.3f} times the images "
-                "the plain loop's did"
-            )
-            text += (
-                ": the gap is CPU time Ray's processes take from the training threads, not slower "
-                "work"
-                if per_cpu >= 0.98
-                else ": the gap is both less CPU and less work per CPU second; a compute thread "
-                "spinning at a barrier while its partner is preempted spends CPU time on no work "
-                "(how the two split moves between runs: see the earlier runs above)"
-            )
-        text += (
-            f". Ray's extra CPU is {extra:.1f} points of the {gap:.1f}-point gap in training pass "
-            "speed, up to twice that with the barrier waits"
-            if gap > extra
-            else f". Ray's extra CPU ({extra:.1f} points) covers all of the {gap:.1f}-point gap "
-            "between the variants' median training pass speeds"
-        )
-        text += (
-            ". Tried without gain: Ray's helpers at nice 19 or SCHED_IDLE, the worker's compute "
-            "threads at nice 0 instead of Ray's 15, RAY_worker_niceness=0, Ray Train's metrics "
-            "off and a 2 s health check, libgomp spinning 0 or 20,000 turns before sleeping at a "
-            "barrier (GOMP_SPINCOUNT), one malloc arena (MALLOC_ARENA_MAX=1), and, as a "
-            "diagnosis only, Train's controller, placement-group cleaner, dataset manager and "
-            "autoscaling coordinator stopped (SIGSTOP) during the epochs. Ray Train v2 runs the "
-            "train function in a thread of the worker, but a thread is not the cause: the same "
-            "loop alternated in short blocks between a process's main thread and a second "
-            "thread ran at the same speed (thread/main 0.97-1.04, medians of 6 runs of 12-15 "
-            "pairs, 2026-12-02, AMD EPYC), and a sampled profile (perf, cpu-clock) of the "
-            "worker's compute threads has the same hot spots in the same shares as the plain "
-            "loop's, libgomp's barrier spinning included (13.6% against 13.5%). What is left is "
-            "fixed in Ray: each Ray process's core worker checks for signals every 10 ms (a "
-            "hard-coded period), so the helper processes Train v2 still starts per run (the "
-            "controller and the synchronisation actor) and the worker's own idle main thread "
-            "cost each about 0.35% of the CPUs, and each wake-up preempts a compute thread whose "
-            "partner then waits at the next barrier"
-        )
-        text += (
-            ". Fixed on 2026-12-01: glibc's malloc mapped each step's large tensors afresh and "
-            "unmapped them when freed, so a new worker page-faulted its working set in again "
-            "every step (100-150 thousand faults a second, in the training thread while its "
-            "partner waited), where the long-lived driver of the plain loop faulted less (glibc "
-            "raises its threshold as a process runs). The loop now keeps freed memory "
-            "(`src.train.keep_freed_memory`) and trains without page faults in both"
-        )
-        text += (
-            ". Fixed on 2026-12-02: Ray Train v2 also started a dataset manager (for Ray Data "
-            "shards; the stage passes no Ray Dataset) and a placement-group cleaner (it queries "
-            "the actor state every second, to free the workers' placement group should the "
-            "controller die; a local Ray instance frees it at shutdown), the cleaner the "
-            "busiest of the helpers (1.6% of a CPU with an idle training function, against "
-            "0.7-1.3% for the others, Intel Xeon). The stage now leaves both out "
-            "(`src.train.lean_trainer`; the cleaner stays on a cluster at RAY_ADDRESS): 1 worker "
-            "through Ray Train went from 0.932 to 0.976 of the plain loop's training pass "
-            "images/s, faster in each of 4 alternated rounds of 10 epochs (2026-12-02, Intel "
-            "Xeon; stopping those actors with SIGSTOP during the epochs, the earlier diagnosis, "
-            "had shown no gain within that run's noise). Tried since without gain (3 alternated "
-            "rounds each, fresh Ray instances, 2026-12-02, Intel Xeon): the controller polling "
-            "its workers every 2 s instead of 0.5 s, and Train's autoscaling coordinator left "
-            "out too (it forwards resource requests to a cluster autoscaler): 0.953 and 0.918 "
-            "of the plain loop against 0.960 for the stage's setting (the coordinator was "
-            "measured again later with more rounds: below). Every training process "
-            "now starts with THP_MEM_ALLOC_ENABLE=1 (`src.train.WORKER_ENV`; torch's CPU tensors "
-            "of 2 MiB and more on transparent huge pages): in 6 paired rounds (a plain loop and a "
-            "1-worker Ray run with it and without, order alternated, 8 epochs each, 2026-12-02, "
-            "Intel Xeon model 167) the plain loop gained 2.5-11.3% (median 6.2%) and the Ray "
-            "worker 1.9-10.3% (median 6.7%): faster on both sides, so ray1/plain did not move "
-            "(0.947 with, 0.968 without, within the rounds' 0.92-0.98)"
-        )
-        text += (
-            ". Measured later on 2026-12-02 (same machine): what an idle Ray process costs, "
-            "paired within one run (the plain loop, 32 epochs, beside 4 idle Ray actors stopped "
-            "with SIGSTOP on every other epoch): the epochs beside the running actors trained "
-            "at 0.967 of the speed of the epochs beside the stopped ones (median of 15 pairs, "
-            "0.934-1.003), about 0.8% a process; at SCHED_IDLE or SCHED_BATCH they still cost "
-            "2.5% (0.975 both). Being a Ray worker is not the cost: the same plain loop run "
-            "inside a bare Ray actor (no Ray Train) trained at 1.002 of the driver's speed, "
-            "0.994 in a thread of the actor as Train v2 runs it (3 alternated rounds; 1.033 in "
-            "another 4), with fewer preemptions than the driver's (290 a second against 470). "
-            "So the stage now runs a 1-worker fit with two wakers fewer: on a local instance a "
-            "fixed worker count goes through a scaling policy that sends no resource requests, "
-            "so Train starts no autoscaling coordinator (`src.train.lean_trainer`), and a lone "
-            "worker destroys the process group Ray Train made for it, whose gloo transport "
-            "thread woke 100 times a second (`src.train.drop_lone_process_group`). A/B, 8 "
-            "alternated rounds of 6 epochs, fresh instances: the worker was preempted 625 times "
-            "a second instead of 725 and trained 1.009 times as fast (rounds 0.977-1.051). The "
-            "same SIGSTOP pairing beside the Ray worker (4 extra idle actors, 30 epochs) gave "
-            "the opposite sign (1.026: faster beside the running actors), so stopping Ray "
-            "processes is not a clean diagnosis there and the earlier SIGSTOP result above "
-            "proves nothing either way. Across runs, the worker's images per CPU second moved "
-            "by up to 10% between fresh instances on the same CPU share (4,000 against 4,600 "
-            "images/s, compute threads at 1.90 CPUs in both): on this VM the run-to-run spread "
-            "is larger than the gap measured"
-        )
-        text += (
-            ". Fixed later on 2026-12-02 (AMD EPYC, family 26): at each epoch's end rank 0 saved "
-            "its checkpoint in a temporary folder, Ray copied it into the run folder (pyarrow's "
-            "copy_files), and the other rank waited at the report's barrier; the CPUs sat idle "
-            "meanwhile (sampled every 10 ms during a 1-worker fit: 4.3% idle within 0.3 s of an "
-            "epoch's end, 0.05% elsewhere). Rank 0 now writes the file straight into the run "
-            "folder and reports it there (`src.train.report_epoch`, on a local instance): the "
-            "same sampling then found the CPUs idle 0.0% of the time near an epoch's end. The "
-            "two ways alternated epoch by epoch within one fit (24 epochs): the end of an epoch "
-            "took 10.5 ms instead of 15.4 ms for 1 worker, and 12.9 ms instead of 32.8 ms for 2 "
-            "(medians; torch.save alone takes about 3 ms). The optimizer's update is now fused "
-            "(`src.train.make_optimizer`: one kernel over all parameters, where torch's default "
-            "on CPU loops over them tensor by tensor on one thread): 1.6 ms a step against 0.8 "
-            "ms, and a training step 1.9% (1 thread, batch 64) to 2.4% (2 threads, batch 128) "
-            "shorter, the two alternated in blocks of 10 steps in one process (AMD EPYC, "
-            "family 26). It shortens the plain loop as much as the Ray runs"
-        )
-        why[("ray1", "plain")] = text
-    for (a, b), reason in why.items():
-        if a in s and b in s:
-            x, y = s[a], s[b]
-            rest_x, rest_y = x["epoch_s"] - x["train_pass_s"], y["epoch_s"] - y["train_pass_s"]
-            ratio_lines += (
-                f"\n\nWhere the time goes ({a} against {b}, per epoch, medians): the training "
-                f"pass takes {x['train_pass_s']:.2f} s against {y['train_pass_s']:.2f} s "
-                f"({x['train_pass_s'] / y['train_pass_s'] - 1:+.1%}); the rest of the epoch "
-                f"(validation, and for Ray the report and checkpoint) {rest_x:.2f} s against "
-                f"{rest_y:.2f} s ({rest_x - rest_y:+.2f} s, {(rest_x - rest_y) / x['epoch_s']:+.1%} "
-                f"of the epoch). {reason[0].upper() + reason[1:]}."
-            )
+    why = {
+        ("ray1", "plain"): _ray1_lines(r) if "ray1" in s and "plain" in s else [],
+        ("ray2", "ray1"): [ray2_ray1],
+        ("plain2", "plain"): [
+            "plain2 is ray2's loop without Ray: 2 processes, each computing half of each batch "
+            f"of {batch} on 1 thread and all-reducing the gradients every step (shared memory), "
+            "against one process splitting each op over 2 threads: what DDP over 2 processes "
+            "gains or loses on these 2 cores before Ray adds anything",
+            *_allreduce_lines(r, batch),
+            *_lockstep_lines(r.get("lockstep")),
+        ],
+        ("ray2", "plain2"): [
+            "the same DDP loop on 2 processes either way; Ray adds its processes beside the "
+            "workers and a report and checkpoint per epoch: what Ray costs 2 workers"
+        ],
+    }
+    where = "".join(
+        f"**{a} against {b}**\n\n{_bullets([_pair_lines(s[a], s[b]), *lines])}\n\n"
+        for (a, b), lines in why.items()
+        if a in s and b in s
+    )
     disturbed = [x for x in r["runs"] if x["foreign_share"] > 0.10]
     text = (
-        head + _context(r) + "\n"
-        "Method: `bench/ray_overhead.py`. The plain loop is `src.train.run_local` (the epoch loop "
+        head + _context(r) + "\n" + _in_short(r)
+        + "### Method\n\n"
+        "`bench/ray_overhead.py`. The plain loop is `src.train.run_local` (the epoch loop "
         "of the stage in one process, no Ray: the baseline); the Ray variants are "
         "`src.train.run_ray`, the stage's TorchTrainer with a report and a checkpoint per epoch. "
         f"Same model (params.yaml's), global batch {setup['batch_size']}, Fashion-MNIST "
@@ -502,12 +575,17 @@ def item_ray(r: dict[str, Any] | None) -> tuple[list[list[str]], str]:
         "persisted checkpoints' times); *training pass* excludes validation and reporting; "
         "*fixed s per fit* = fit wall time minus E epochs (worker group start-up and shutdown; "
         + ("Ray's own start-up, not in it, took" if fresh else "Ray itself was started once, in")
-        + f" {setup['ray_init_s']:.1f} s). Medians:\n\n"
-        + "\n".join(table) + "\n\nRatios (median of the rounds' ratios, each round's variants run back to back):\n\n" + ratio_lines + "\n\n"
+        + f" {setup['ray_init_s']:.1f} s). "
         + (f"{len(disturbed)} of {len(r['runs'])} runs were taken while other processes used "
-           "more than 10% of the CPUs (after retries).\n" if disturbed else
-           "Every run was taken with other processes using at most 10% of the CPUs.\n")
-        + "\n" + _ceiling(r.get("machine_scaling"))
+           "more than 10% of the CPUs (after retries). " if disturbed else
+           "Every run was taken with other processes using at most 10% of the CPUs. ")
+        + "Medians:\n\n"
+        + "\n".join(table) + "\n\n### Ratios\n\nMedians of the rounds' ratios (each round's variants run back to back):\n\n" + ratio_lines + "\n\n"
+        + _ceiling(r.get("machine_scaling"))
+        + "### Where the time goes\n\n" + where
+        + "### Fixed on the way\n\n" + _bullets(RAY_FIXED) + "\n\n"
+        + "### Tried without gain\n\n" + _bullets(RAY_TRIED) + "\n\n"
+        + (_ray_earlier(kind) if RAY_RUNS else "")
         + r.get("notes", "")
     )  # fmt: skip
     return rows, text
