@@ -459,10 +459,23 @@ def _in_short(r: dict[str, Any]) -> str:
         "second, a period hard-coded in Ray, and where both cores compute each wake-up stalls a "
         "compute thread and its partner."
     )
+    scale, ddp, ray2 = (ratios.get(k) for k in
+                        ("ray2/ray1 epoch_ips", "plain2/plain epoch_ips", "ray2/plain2 epoch_ips"))  # fmt: skip
+    if scale is not None and ddp is not None and ray2 is not None:
+        lock = r.get("lockstep")
+        text += (
+            f" 2 workers trained at {scale:.3f} of 1 worker's speed. Without Ray, 2 DDP "
+            f"processes trained at {ddp:.3f} of the plain loop's speed, and Ray cost the 2 "
+            f"workers {_signed(1 - ray2)}: whether 2 workers beat 1 on 2 cores is DDP's "
+            "question more than Ray's. Each step the faster rank waits for the slower"
+            + (f" (in lockstep alone, {lock['lockstep']:.1%} a step here)" if lock else "")
+            + ", where 1 worker's 2 threads split every op with no exchange."
+        )
     if spread:
         text += (
-            f" The rounds of this run ranged {min(spread):.3f}-{max(spread):.3f}: this machine's "
-            "speed drifts by more than the gap measured, so read the earlier runs too."
+            f" The rounds of this run ranged {min(spread):.3f}-{max(spread):.3f} for 1 worker: "
+            "this machine's speed drifts by more than the gaps measured, so read the earlier "
+            "runs too."
         )
     return text + "\n\n"
 
