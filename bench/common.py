@@ -582,18 +582,28 @@ def check(timed: Timed, what: str) -> Timed:
 # Results
 
 
-def save_result(name: str, result: dict[str, Any], folder: Path = RESULTS) -> Path:
-    """bench/results/<name>.json, with the machine, versions and when it was measured."""
+def save_result(
+    name: str, result: dict[str, Any], folder: Path = RESULTS, keep: bool = False
+) -> Path:
+    """bench/results/<name>.json, with the machine, versions and when it was measured; with
+    `keep`, also bench/results/history/<name>/<when>.json, which the next runs leave alone (the
+    report pools the runs kept: see load_history)."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.json"
+    now = time.gmtime()
     result = {
         "item": name,
-        "measured_at": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "measured_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", now),
         "machine": machine(),
         "versions": versions(),
         **result,
     }
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    text = json.dumps(result, indent=2) + "\n"
+    path.write_text(text)
+    if keep:
+        kept = folder / "history" / name / time.strftime("%Y-%m-%dT%H-%M-%SZ.json", now)
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        kept.write_text(text)
     return path
 
 
@@ -602,6 +612,18 @@ def load_results(folder: Path = RESULTS) -> dict[str, dict[str, Any]]:
     if not folder.exists():
         return {}
     return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
+
+
+def load_history(folder: Path = RESULTS) -> dict[str, list[dict[str, Any]]]:
+    """Every kept run (save_result's `keep`), oldest first, by item name."""
+    kept = folder / "history"
+    if not kept.exists():
+        return {}
+    return {
+        d.name: [json.loads(p.read_text()) for p in sorted(d.glob("*.json"))]
+        for d in sorted(kept.iterdir())
+        if d.is_dir()
+    }
 
 
 @contextlib.contextmanager

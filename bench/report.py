@@ -4,6 +4,7 @@ first, then a section per item with its machine, versions, method, baseline, med
 from __future__ import annotations
 
 from pathlib import Path
+from statistics import median, quantiles
 from typing import Any
 
 TARGETS = {
@@ -147,23 +148,63 @@ def _spread(per_round: list[float]) -> str:
     return f" (rounds: {min(per_round):.3f}-{max(per_round):.3f})" if per_round else ""
 
 
+def pooled_runs(r: dict[str, Any], history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The runs of item 1 that `history` (common.load_history) kept of the training code `r`
+    measured (its "code": a version number in RAY_CODE) on its machine kind, with `r` itself,
+    oldest first: the runs the verdict pools."""
+    kind = machine_kind(r["machine"]["cpu"])
+    runs = [
+        h for h in history
+        if r.get("code") is not None and h.get("code") == r.get("code")
+        and machine_kind(h["machine"]["cpu"]) == kind and h["measured_at"] != r["measured_at"]
+    ]  # fmt: skip
+    return [*runs, r]
+
+
+def _pool(runs: list[dict[str, Any]]) -> dict[str, list[float]]:
+    """Every round's ratio of `runs`, by ratio name (those all the runs have)."""
+    rounds = [h.get("round_ratios") or {k: [v] for k, v in h["ratios"].items()} for h in runs]
+    return {
+        k: [x for rr in rounds for x in rr[k]] for k in rounds[-1] if all(k in rr for rr in rounds)
+    }
+
+
 def _ray_row(
-    name: str, target: str, value: float | None, limit: float, earlier: list[float]
-) -> list[str]:
-    """A table row for an item 1 ratio: this run's value and verdict, with the earlier runs'
-    values beside it and, where they disagree with this run's verdict, how many."""
-    if value is None:
+    name: str, target: str, key: str, limit: float, runs: list[dict[str, Any]],
+    pooled: dict[str, list[float]],
+) -> list[str]:  # fmt: skip
+    """A table row for an item 1 ratio: the median of the pooled runs' rounds and its verdict,
+    with each run's own median beside it."""
+    values = pooled.get(key)
+    if not values:
         return [name, target, "-", "n/a"]
-    passed = value >= limit
+    value = median(values)
     measured = f"{value:.3f}"
-    if earlier:
-        measured += " (earlier runs: " + ", ".join(f"{x:.3f}" for x in earlier) + ")"
-    result = _ok(passed)
-    disagree = sum((x >= limit) != passed for x in earlier)
-    if disagree:
-        other = "pass" if not passed else "FAIL"
-        result += f" in this run; {other} in {disagree} of {len(earlier)} earlier"
-    return [name, target, measured, result]
+    if len(runs) > 1:
+        each = ", ".join(f"{h['ratios'][key]:.3f}" for h in runs)
+        measured += f" (median of {len(values)} rounds in {len(runs)} runs; each run's: {each})"
+    return [name, target, measured, _ok(value >= limit)]
+
+
+def _pooled_text(runs: list[dict[str, Any]], pooled: dict[str, list[float]], kind: str) -> str:
+    """The pooled rounds of several runs of one code, ratio by ratio."""
+    if len(runs) < 2:
+        return ""
+    rows = ["| ratio | median of the rounds | quartiles | each run's median |", "|---|---|---|---|"]
+    for k, v in pooled.items():
+        q1, _, q3 = quantiles(v, n=4)
+        each = ", ".join(f"{h['ratios'][k]:.3f}" for h in runs)
+        rows.append(f"| {k} | **{median(v):.3f}** | {q1:.3f}-{q3:.3f} | {each} |")
+    when = ", ".join(h["measured_at"] for h in runs)
+    return (
+        "### Pooled over the runs of this code\n\n"
+        f"The verdicts at the top are the medians of every round of the {len(runs)} runs of "
+        f"this code (version {runs[-1]['code']} under *Earlier runs*) on {kind} machines kept "
+        f"in bench/results/history/ray_overhead/ ({when}; this run last): one run's rounds are "
+        "too few on a machine whose speed drifts by more than the gaps measured.\n\n"
+        + "\n".join(rows)
+        + "\n\n"
+    )
 
 
 def _signed(cost: float) -> str:
@@ -411,11 +452,12 @@ def _ray_earlier(kind: str) -> str:
         "### Earlier runs\n\n"
         "Full runs of this item before this one, ray1/plain and ray2/ray1 epoch images/s "
         "(medians of the rounds' ratios). The machine kinds: Intel Xeon with AMX, or AMD EPYC "
-        f"(Zen 3, Zen 4 of family 25, or family 26); the table at the top counts the {kind} "
-        f"runs of code {len(RAY_CODE)}, the code measured here. Between runs the ratios moved "
-        "by more than the gaps they measure, so read them together: across runs the worker's images per CPU "
-        "second moved by up to 10% between fresh instances on the same CPU share (4,000 against "
-        "4,600 images/s, compute threads at 1.90 CPUs in both, Intel Xeon).\n\n"
+        "(Zen 3, Zen 4 of family 25, or family 26). The code measured here is the last "
+        f"version, {len(RAY_CODE)}; the table at the top pools its runs on {kind} machines that "
+        "were kept in full (*Pooled* above). Between runs the ratios moved "
+        "by more than the gaps they measure, so read them together: across runs the worker's "
+        "images per CPU second moved by up to 10% between fresh instances on the same CPU share "
+        "(4,000 against 4,600 images/s, compute threads at 1.90 CPUs in both, Intel Xeon).\n\n"
         + "\n".join(rows)
         + "\n\nCode versions, each with all the changes before it:\n\n"
         + versions
@@ -435,8 +477,8 @@ def _pair_lines(x: dict[str, Any], y: dict[str, Any]) -> str:
     )
 
 
-def _in_short(r: dict[str, Any]) -> str:
-    """Item 1's findings in a few lines, from this run's figures."""
+def _in_short(r: dict[str, Any], runs: list[dict[str, Any]], pooled: dict[str, list[float]]) -> str:
+    """Item 1's findings in a few lines, from this run's figures (and the pooled runs')."""
     s, ratios, rounds = r["summary"], r["ratios"], r.get("round_ratios", {})
     over = ratios.get("ray1/plain epoch_ips")
     if over is None or "ray_share" not in s.get("ray1", {}) or "ray_share" not in s["plain"]:
@@ -445,7 +487,15 @@ def _in_short(r: dict[str, Any]) -> str:
     spread = rounds.get("ray1/plain epoch_ips", [])
     text = (
         f"**In short.** 1 worker through Ray Train trained at {over:.3f} of the plain loop's "
-        "epoch images/s in this run. Both run the same training pass; what Ray adds is its own "
+        "epoch images/s in this run"
+        + (
+            f" ({median(pooled['ray1/plain epoch_ips']):.3f} over the "
+            f"{len(pooled['ray1/plain epoch_ips'])} rounds of the {len(runs)} runs of this code "
+            "here)"
+            if len(runs) > 1 and "ray1/plain epoch_ips" in pooled
+            else ""
+        )
+        + ". Both run the same training pass; what Ray adds is its own "
         f"processes beside the worker ({(ray1['ray_share'] - plain['ray_share']) * 100:.1f} "
         "points more of the CPUs"
     )
@@ -480,7 +530,9 @@ def _in_short(r: dict[str, Any]) -> str:
     return text + "\n\n"
 
 
-def item_ray(r: dict[str, Any] | None) -> tuple[list[list[str]], str]:
+def item_ray(
+    r: dict[str, Any] | None, history: list[dict[str, Any]] | None = None
+) -> tuple[list[list[str]], str]:
     head = "## 1. Ray Train overhead\n\n"
     if r is None:
         rows = [["1. Ray Train 1 worker / plain loop", "≥ 0.98", "-", "n/a"],
@@ -489,22 +541,21 @@ def item_ray(r: dict[str, Any] | None) -> tuple[list[list[str]], str]:
     s, ratios, setup = r["summary"], r["ratios"], r["setup"]
     fresh = setup.get("ray_instance") == "fresh per run"
     kind = machine_kind(r["machine"]["cpu"])
-    now = len(RAY_CODE) - 1
-    comparable = [(a, b) for _, k, a, b, code, _ in RAY_RUNS if code == now and k == kind]
+    runs = pooled_runs(r, history or [])
+    pooled = _pool(runs)
     over = ratios.get("ray1/plain epoch_ips")
-    scale = ratios.get("ray2/ray1 epoch_ips")
     rows = [
-        _ray_row("1. Ray Train 1 worker / plain loop (epoch images/s)", "≥ 0.98", over,
-                 TARGETS["ray_overhead"], [a for a, _ in comparable]),
-        _ray_row("1. 2 workers x 1 thread / 1 worker x 2 threads", "≥ 1.0", scale,
-                 TARGETS["ray_scaling"], [b for _, b in comparable]),
+        _ray_row("1. Ray Train 1 worker / plain loop (epoch images/s)", "≥ 0.98",
+                 "ray1/plain epoch_ips", TARGETS["ray_overhead"], runs, pooled),
+        _ray_row("1. 2 workers x 1 thread / 1 worker x 2 threads", "≥ 1.0",
+                 "ray2/ray1 epoch_ips", TARGETS["ray_scaling"], runs, pooled),
     ]  # fmt: skip
     for key, name in (
         ("plain2/plain", "1. (context) 2 DDP processes without Ray / plain loop"),
         ("ray2/plain2", "1. (context) Ray Train 2 workers / the same without Ray"),
     ):
-        if f"{key} epoch_ips" in ratios:
-            rows.append([name, "reported", f"{ratios[f'{key} epoch_ips']:.3f}", "n/a"])
+        if f"{key} epoch_ips" in pooled:
+            rows.append([name, "reported", f"{median(pooled[f'{key} epoch_ips']):.3f}", "n/a"])
     table = ["| variant | workers x threads | epoch images/s | training pass images/s | epoch s | fixed s per fit |",
              "|---|---|---|---|---|---|"]  # fmt: skip
     for name, v in s.items():
@@ -570,7 +621,7 @@ def item_ray(r: dict[str, Any] | None) -> tuple[list[list[str]], str]:
     )
     disturbed = [x for x in r["runs"] if x["foreign_share"] > 0.10]
     text = (
-        head + _context(r) + "\n" + _in_short(r)
+        head + _context(r) + "\n" + _in_short(r, runs, pooled)
         + "### Method\n\n"
         "`bench/ray_overhead.py`. The plain loop is `src.train.run_local` (the epoch loop "
         "of the stage in one process, no Ray: the baseline); the Ray variants are "
@@ -594,6 +645,7 @@ def item_ray(r: dict[str, Any] | None) -> tuple[list[list[str]], str]:
            "Every run was taken with other processes using at most 10% of the CPUs. ")
         + "Medians:\n\n"
         + "\n".join(table) + "\n\n### Ratios\n\nMedians of the rounds' ratios (each round's variants run back to back):\n\n" + ratio_lines + "\n\n"
+        + _pooled_text(runs, pooled, kind)
         + _ceiling(r.get("machine_scaling"))
         + "### Where the time goes\n\n" + where
         + "### Fixed on the way\n\n" + _bullets(RAY_FIXED) + "\n\n"
@@ -979,11 +1031,15 @@ def item_gpu(r: dict[str, Any] | None) -> tuple[list[list[str]], str]:
     ) + "\n\n" + how
 
 
-def render(results: dict[str, dict[str, Any]], intro: str = "") -> str:
-    """The whole BENCHMARKS.md text."""
+def render(
+    results: dict[str, dict[str, Any]],
+    intro: str = "",
+    history: dict[str, list[dict[str, Any]]] | None = None,
+) -> str:
+    """The whole BENCHMARKS.md text; `history`: the runs kept (common.load_history)."""
     ray = results.get("ray_overhead")
     items = [
-        item_ray(ray),
+        item_ray(ray, (history or {}).get("ray_overhead")),
         item_fashion(results.get("fashion")),
         item_preprocess(results.get("preprocess")),
         item_overheads(results.get("overheads"), ray),
@@ -1030,6 +1086,10 @@ def render(results: dict[str, dict[str, Any]], intro: str = "") -> str:
     )
 
 
-def write(results: dict[str, dict[str, Any]], path: Path) -> Path:
-    path.write_text(render(results))
+def write(
+    results: dict[str, dict[str, Any]],
+    path: Path,
+    history: dict[str, list[dict[str, Any]]] | None = None,
+) -> Path:
+    path.write_text(render(results, history=history))
     return path

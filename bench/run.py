@@ -163,9 +163,11 @@ def main(argv: list[str] | None = None) -> int:
         noise = args.noise if args.noise is not None else (1.0 if args.quick else 0.10)
         result = run_item(name, args.quick, out, log, noise, args.runs)
         result.update(load_start=load_start, load_end=common.loadavg(), bench_s=time.time() - t0)
-        path = common.save_result(ITEM[name], result, results_dir)
+        if name == "ray":  # the training code measured: the report pools the runs of one code
+            result["code"] = len(report.RAY_CODE)
+        path = common.save_result(ITEM[name], result, results_dir, keep=name == "ray")
         log(f"   {time.time() - t0:.0f} s, saved {path.relative_to(REPO)}")
-    report.write(common.load_results(results_dir), target)
+    report.write(common.load_results(results_dir), target, common.load_history(results_dir))
     log(f"wrote {target.relative_to(REPO)}")
     return 0
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -207,3 +208,45 @@ def test_report_renders_every_item(tmp_path: Path):
     for n in range(1, 7):
         assert f"## {n}." in text
     assert "no GPU was available in this session; not measured" in text or "GPU busy" in text
+
+
+def test_item1_verdict_pools_the_kept_runs_of_one_code_on_one_machine_kind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """save_result(keep=True) keeps each run; the report's verdict is the median of every round
+    of the runs of the same code on the same machine kind, each run's median beside it."""
+    amd = {**common.machine(), "cpu": "AMD EPYC (family 25, model 17)"}
+    intel = {**common.machine(), "cpu": "Intel(R) Xeon(R) Processor (family 6, model 207)"}
+
+    def run(code: int, machine: dict, over: list[float], scale: list[float]) -> dict:
+        rounds = {"ray1/plain epoch_ips": over, "ray2/ray1 epoch_ips": scale}
+        ratios = {k: sorted(v)[len(v) // 2] for k, v in rounds.items()}
+        return {"code": code, "machine": machine, "round_ratios": rounds, "ratios": ratios}
+
+    kept = [
+        run(9, amd, [0.90, 0.91, 0.92], [1.1, 1.1, 1.1]),
+        run(8, amd, [0.10, 0.10, 0.10], [0.1, 0.1, 0.1]),  # another code: left out
+        run(9, intel, [0.10, 0.10, 0.10], [0.1, 0.1, 0.1]),  # another machine kind: left out
+        run(9, amd, [0.99, 1.00, 1.01], [0.9, 0.9, 0.9]),
+    ]
+    folder = tmp_path / "results"
+    clock = iter(range(1_800_000_000, 1_800_000_000 + 60 * len(kept), 60))  # a run a minute
+    real = time.gmtime
+    monkeypatch.setattr(time, "gmtime", lambda *_: real(next(clock)))
+    for result in kept:
+        common.save_result("ray_overhead", result, folder, keep=True)
+    history = common.load_history(folder)["ray_overhead"]
+    assert len(history) == len(kept) and all("measured_at" in h for h in history)
+    assert list(common.load_results(folder)) == ["ray_overhead"]  # the history is not an item
+
+    now = common.load_results(folder)["ray_overhead"]  # this run: also the last one kept
+    runs = report.pooled_runs(now, history)
+    assert [h["round_ratios"] for h in runs] == [kept[0]["round_ratios"], kept[3]["round_ratios"]]
+    pooled = report._pool(runs)
+    assert sorted(pooled["ray1/plain epoch_ips"]) == [0.90, 0.91, 0.92, 0.99, 1.00, 1.01]
+    row = report._ray_row("r", "≥ 0.98", "ray1/plain epoch_ips", 0.98, runs, pooled)
+    assert row[2].startswith("0.955 (median of 6 rounds in 2 runs; each run's: 0.910, 1.000)")
+    assert row[3] == "**FAIL**"
+    assert report._ray_row("s", "≥ 1.0", "ray2/ray1 epoch_ips", 1.0, runs, pooled)[3] == "**pass**"
+    alone = report.pooled_runs({**now, "code": None}, history)  # a result without its code
+    assert len(alone) == 1 and alone[0]["code"] is None
