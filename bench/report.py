@@ -478,26 +478,29 @@ def _pair_lines(x: dict[str, Any], y: dict[str, Any]) -> str:
 
 
 def _in_short(r: dict[str, Any], runs: list[dict[str, Any]], pooled: dict[str, list[float]]) -> str:
-    """Item 1's findings in a few lines, from this run's figures (and the pooled runs')."""
-    s, ratios, rounds = r["summary"], r["ratios"], r.get("round_ratios", {})
-    over = ratios.get("ray1/plain epoch_ips")
+    """Item 1's findings in a few lines: the ratios pooled over `runs` (this run alone when it
+    is the only one), the CPU accounting of this run."""
+    s = r["summary"]
+    over, scale, ddp, ray2 = (
+        median(pooled[k]) if k in pooled else None
+        for k in ("ray1/plain epoch_ips", "ray2/ray1 epoch_ips", "plain2/plain epoch_ips",
+                  "ray2/plain2 epoch_ips")
+    )  # fmt: skip
     if over is None or "ray_share" not in s.get("ray1", {}) or "ray_share" not in s["plain"]:
         return ""
     ray1, plain = s["ray1"], s["plain"]
-    spread = rounds.get("ray1/plain epoch_ips", [])
+    spread = pooled["ray1/plain epoch_ips"]
+    over_what = (
+        f"the {len(spread)} rounds of the {len(runs)} runs of this code on this kind of machine "
+        f"(this run alone: {r['ratios']['ray1/plain epoch_ips']:.3f})"
+        if len(runs) > 1
+        else f"the {len(spread)} rounds of this run"
+    )
     text = (
-        f"**In short.** 1 worker through Ray Train trained at {over:.3f} of the plain loop's "
-        "epoch images/s in this run"
-        + (
-            f" ({median(pooled['ray1/plain epoch_ips']):.3f} over the "
-            f"{len(pooled['ray1/plain epoch_ips'])} rounds of the {len(runs)} runs of this code "
-            "here)"
-            if len(runs) > 1 and "ray1/plain epoch_ips" in pooled
-            else ""
-        )
-        + ". Both run the same training pass; what Ray adds is its own "
-        f"processes beside the worker ({(ray1['ray_share'] - plain['ray_share']) * 100:.1f} "
-        "points more of the CPUs"
+        f"**In short.** Over {over_what}, 1 worker through Ray Train trained at {over:.3f} of "
+        "the plain loop's epoch images/s. Both run the same training pass; what Ray adds is its "
+        "own processes beside the worker (in this run "
+        f"{(ray1['ray_share'] - plain['ray_share']) * 100:.1f} points more of the CPUs"
     )
     if "preemptions_per_s" in ray1 and "preemptions_per_s" in plain:
         text += (
@@ -509,25 +512,20 @@ def _in_short(r: dict[str, Any], runs: list[dict[str, Any]], pooled: dict[str, l
         "second, a period hard-coded in Ray, and where both cores compute each wake-up stalls a "
         "compute thread and its partner."
     )
-    scale, ddp, ray2 = (ratios.get(k) for k in
-                        ("ray2/ray1 epoch_ips", "plain2/plain epoch_ips", "ray2/plain2 epoch_ips"))  # fmt: skip
     if scale is not None and ddp is not None and ray2 is not None:
         lock = r.get("lockstep")
         text += (
             f" 2 workers trained at {scale:.3f} of 1 worker's speed. Without Ray, 2 DDP "
-            f"processes trained at {ddp:.3f} of the plain loop's speed, and Ray cost the 2 "
-            f"workers {_signed(1 - ray2)}: whether 2 workers beat 1 on 2 cores is DDP's "
-            "question more than Ray's. Each step the faster rank waits for the slower"
-            + (f" (in lockstep alone, {lock['lockstep']:.1%} a step here)" if lock else "")
-            + ", where 1 worker's 2 threads split every op with no exchange."
+            f"processes trained at {ddp:.3f} of the plain loop's speed (at each step the faster "
+            "rank waits for the slower"
+            + (f": in lockstep alone, {lock['lockstep']:.1%} a step in this run" if lock else "")
+            + f"; 1 worker's 2 threads split every op with no exchange), and Ray cost the 2 "
+            f"workers {_signed(1 - ray2)} against {_signed(1 - over)} for 1 worker."
         )
-    if spread:
-        text += (
-            f" The rounds of this run ranged {min(spread):.3f}-{max(spread):.3f} for 1 worker: "
-            "this machine's speed drifts by more than the gaps measured, so read the earlier "
-            "runs too."
-        )
-    return text + "\n\n"
+    return text + (
+        f" Single rounds of 1 worker ranged {min(spread):.3f}-{max(spread):.3f}: this machine's "
+        "speed drifts by more than the gaps measured.\n\n"
+    )
 
 
 def item_ray(
@@ -647,7 +645,7 @@ def item_ray(
         + "\n".join(table) + "\n\n### Ratios\n\nMedians of the rounds' ratios (each round's variants run back to back):\n\n" + ratio_lines + "\n\n"
         + _pooled_text(runs, pooled, kind)
         + _ceiling(r.get("machine_scaling"))
-        + "### Where the time goes\n\n" + where
+        + "### Where the time goes (this run)\n\n" + where
         + "### Fixed on the way\n\n" + _bullets(RAY_FIXED) + "\n\n"
         + "### Tried without gain\n\n" + _bullets(RAY_TRIED) + "\n\n"
         + (_ray_earlier(kind) if RAY_RUNS else "")
