@@ -69,8 +69,9 @@ def _context(r: dict[str, Any]) -> str:
 
 # Earlier full runs of item 1: when, the machine kind (`machine_kind` of its CPU), ray1/plain and
 # ray2/ray1 epoch images/s, the version of the training code measured (an index in RAY_CODE), and
-# how the run differed. Only runs of this code (RAY_CODE's last) on the same machine kind as this
-# run count in the table. Add a line when item 1 is re-measured, a version when the code changes.
+# how the run differed. Add a line when item 1 is re-measured. Add a version to RAY_CODE whenever
+# the code item 1 measures changes: a run records len(RAY_CODE) as its "code" (bench.run), and the
+# verdict pools the kept runs with the same code on the same machine kind (pooled_runs).
 RAY_CODE = [
     "the first measured: the training loop still giving its freed memory back to the system",
     "the loop keeping its freed memory (`src.train.keep_freed_memory`); Ray Train still starting "
