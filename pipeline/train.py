@@ -2,7 +2,7 @@
 
 Reads params.paths.processed; writes paths.models/model.pt and run.json, paths.metrics/train.json
 and paths.plots/train (see src/train.py). Re-running after an interruption resumes from the
-last checkpoint under train.storage_path. RAY_ADDRESS runs it on an existing cluster.
+last checkpoint under run.storage_path. RAY_ADDRESS runs it on an existing cluster.
 """
 
 from __future__ import annotations

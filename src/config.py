@@ -108,16 +108,6 @@ class TrainParams(Section):
     # AVX-512 BF16), else fp32
     precision: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"
     channels_last: bool = True
-    # CPU workers that share a host sum gradients through shared memory (src/allreduce.py)
-    # instead of the process group's TCP loopback; false: always torch.distributed's backend
-    shared_memory_allreduce: bool = True
-    max_failures: int = Field(1, ge=0)
-    keep_checkpoints: int = Field(2, gt=0)
-    # null: every finished run keeps its checkpoints; k: only the k most recently finished do
-    keep_runs: int | None = Field(None, gt=0)
-    storage_path: str = "ray_results"
-    experiment: str = Field("cnn-pipeline", min_length=1)
-
     @model_validator(mode="after")
     def _batch_divides(self) -> TrainParams:
         if self.batch_size % self.num_workers:
@@ -126,6 +116,33 @@ class TrainParams(Section):
                 f"{self.num_workers} (each worker gets batch_size // num_workers)"
             )
         return self
+
+
+class RunParams(Section):
+    """How a training is run, kept and tracked: none of it changes a number the run computes, so
+    DVC does not track this section (changing it retrains nothing) and the run's identity
+    (src.runstore.run_key) leaves it out: raising max_failures still resumes an interrupted run."""
+
+    max_failures: int = Field(1, ge=0)
+    keep_checkpoints: int = Field(2, gt=0)
+    # null: every finished run keeps its checkpoints; k: only the k most recently finished do
+    keep_runs: int | None = Field(None, gt=0)
+    storage_path: str = "ray_results"
+    experiment: str = Field("cnn-pipeline", min_length=1)
+
+
+# Keys that were once valid: a params file that still sets one gets a line that says what became
+# of it, instead of a bare "unknown key".
+MOVED_KEYS = {
+    ("train", k): f"moved to run.{k} (the run section: settings that change no number)"
+    for k in RunParams.model_fields
+}
+REMOVED_KEYS = {
+    ("train", "shared_memory_allreduce"): (
+        "removed: CPU workers sum gradients through torch.distributed's own backend (gloo); "
+        "delete the key"
+    ),
+}
 
 
 class EvaluateParams(Section):
@@ -152,6 +169,7 @@ class Params(Section):
     preprocess: PreprocessParams = PreprocessParams()
     model: ModelParams
     train: TrainParams = TrainParams()
+    run: RunParams = RunParams()
     evaluate: EvaluateParams = EvaluateParams()
     register: RegisterParams = RegisterParams()
 
@@ -197,6 +215,7 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
     """Validate a params mapping; raise PipelineError with a one-line message naming the key."""
     if not isinstance(raw, dict):
         raise PipelineError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    _check_retired(raw, source)
     try:
         params = Params.model_validate(raw)
     except ValidationError as e:
@@ -210,9 +229,17 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
     return params
 
 
+def _check_retired(raw: dict[str, Any], source: str) -> None:
+    """A key that was moved or removed: one line saying where it went."""
+    for (section, key), what in {**MOVED_KEYS, **REMOVED_KEYS}.items():
+        values = raw.get(section)
+        if isinstance(values, dict) and key in values:
+            raise PipelineError(f"{source}: {section}.{key}: {what}")
+
+
 def kind_is_self_named(msg: str) -> bool:
     """Cross-field messages already name their keys (e.g. 'train.batch_size ... train.num_workers')."""
-    return msg.startswith(("train.", "data.", "model.", "preprocess."))
+    return msg.startswith(("train.", "data.", "model.", "preprocess.", "run."))
 
 
 def _check_model(params: Params, source: str) -> None:

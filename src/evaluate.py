@@ -43,7 +43,7 @@ def predict_logits(
         batch_size: images per forward pass (bounds memory; np.memmap inputs are read per batch).
         progress: an optional tqdm bar, advanced by each batch's size.
     """
-    from src.preprocess import normalize
+    from src.transforms import normalize
 
     model.eval()
     out = []

@@ -605,38 +605,10 @@ def load_checkpoint(
 
 
 # ---------------------------------------------------------------------------------------------
-# CLI: python -m src.model [--params params.yaml]
-
-
-def main() -> None:
-    """Print the per-layer table of params.yaml's model spec (h x w x d, parameters, total)."""
-    # Project modules (pydantic, yaml) are imported here only, so that importing the model
-    # stays torch-only.
-    from src.cli import stage_parser
-    from src.config import load_params
-    from src.files import read_json
-
-    args = stage_parser("Print the per-layer shape table of the configured CNN.").parse_args()
-    params = load_params(args.params)  # validates the spec: a bad one is a one-line error
-    meta = Path(params.paths.processed) / "meta.json"
-    if meta.exists():
-        num_classes = len(read_json(meta, "the preprocess stage's metadata")["class_names"])
-        note = f"classes: {num_classes}, from {meta}"
-    else:
-        num_classes = 10
-        note = f"note: num_classes 10 assumed: {meta} not found (run the preprocess stage)"
-    cfg = build_config(
-        params.model.model_dump(),
-        in_channels=params.data.channels,
-        image_size=params.preprocess.output_size,
-        num_classes=num_classes,
-    )
-    print(f"input {cfg.image_size}x{cfg.image_size}x{cfg.in_channels} ({args.params})")
-    print(format_table(shape_table(cfg)))
-    print(note)
-
+# `python -m src.model` prints the configured network's table: the CLI is src.summary, which
+# reads params.yaml (this module stays torch-only; src.config imports it, never the reverse).
 
 if __name__ == "__main__":
-    from src.cli import run_stage
+    from src.summary import cli
 
-    run_stage(main)
+    cli()

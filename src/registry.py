@@ -188,7 +188,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
 def classify(model, extra: dict[str, Any], images: list[np.ndarray]) -> np.ndarray:
     """Class probabilities (N, num_classes) of raw uint8 images, preprocessed like the test split."""
     from src.evaluate import predict_logits
-    from src.preprocess import prepare_images
+    from src.transforms import prepare_images
 
     out = []
     for start in range(0, len(images), PREDICT_BATCH):

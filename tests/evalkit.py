@@ -71,7 +71,8 @@ def load_kit_params(root: Path):
 def train_checkpoint(params, path: Path, epochs: int = 6, seed: int = 0) -> None:
     """Train the tiny CNN on the processed train split and save it like the train stage does."""
     from src.model import CNN, build_config, save_checkpoint
-    from src.preprocess import load_processed, normalize
+    from src.preprocess import load_processed
+    from src.transforms import normalize
 
     data = load_processed(params.paths.processed, mmap=False)
     meta = data.meta
@@ -138,7 +139,7 @@ def get_kit(tmp_path_factory) -> Kit:
     models = Path(params.paths.models)
     model_pt, run_json = models / "model.pt", models / "run.json"
     train_checkpoint(params, model_pt)
-    run_id = new_run(root, model_pt, run_json, params.train.experiment)
+    run_id = new_run(root, model_pt, run_json, params.run.experiment)
     kit = Kit(root, params, run_id, model_pt, run_json, Path(params.paths.processed))
     _KIT["kit"] = kit
     return kit

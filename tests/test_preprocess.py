@@ -21,15 +21,14 @@ from test_data import fashion_slice, make_folder  # noqa: F401  (a fixture and a
 from src.config import parse_params
 from src.data import load_source
 from src.errors import PipelineError
-from src.preprocess import (
-    _resize_pad,
+from src.preprocess import load_processed, preprocess_dataset
+from src.transforms import (
     build_augment,
-    load_processed,
     make_eval_transform,
     normalize,
     prepare_images,
-    preprocess_dataset,
     preprocess_meta,
+    resize_pad,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -359,8 +358,8 @@ def test_batched_stretch_equals_albumentations(shape):
     (bilinear) and down (area) and mixed."""
     pre = {"resize": "stretch", "image_size": 10, "pad": 2, "fill": 0, "border_mode": "reflect"}
     images = np.random.default_rng(0).integers(0, 256, (5, *shape), dtype=np.uint8)
-    batched = _resize_pad(images, make_eval_transform(pre), pre)
-    one_by_one = _resize_pad(list(images), make_eval_transform(pre), pre)
+    batched = resize_pad(images, make_eval_transform(pre), pre)
+    one_by_one = resize_pad(list(images), make_eval_transform(pre), pre)
     assert batched.shape == (5, 14, 14, 1 if len(shape) == 2 else shape[2])
     assert np.array_equal(batched, one_by_one)
 

@@ -784,7 +784,7 @@ def test_a_run_is_held_by_one_train_stage_at_a_time(tmp_path, capsys):
                               stdout=subprocess.PIPE, text=True)  # fmt: skip
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(PipelineError, match=rf"train.storage_path: .*pid {holder.pid}\b"):
+        with pytest.raises(PipelineError, match=rf"run.storage_path: .*pid {holder.pid}\b"):
             with RunFolder(storage, "train-abc").claim(wait=1.0):
                 pass
         with RunFolder(storage, "train-other").claim(wait=0.0):

@@ -294,7 +294,8 @@ def test_optimizer_is_fused_on_cpu_and_steps_as_the_unfused_one(name):
 
 
 def test_device_data_matches_preprocess_normalize(base_project):
-    from src.preprocess import load_processed, normalize
+    from src.preprocess import load_processed
+    from src.transforms import normalize
 
     data = load_processed(base_project / "data/processed")
     rows = np.arange(10)
@@ -711,7 +712,7 @@ def test_killed_worker_is_replaced_and_training_completes(first_run, clean_env, 
     fault = {"rank": 1, "epoch": 2, "at": "mid", "action": "kill", "marker": str(marker)}
     clean_env.setenv(FAULT_ENV, json.dumps(fault))
     clean_env.chdir(root)
-    # train.keep_runs 1 (not part of the run's identity): once this run finishes, an older
+    # run.keep_runs 1 (not part of the run's identity): once this run finishes, an older
     # finished run's folder goes, an unfinished one stays
     storage = root / "ray_results"
     older, unfinished = storage / "train-older", storage / "train-unfinished"
