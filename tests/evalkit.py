@@ -33,7 +33,7 @@ PARAMS = {
             {"fc": 32},
         ],
     },
-    "train": {"experiment": "evalkit"},
+    "run": {"experiment": "evalkit"},
 }
 
 

@@ -108,3 +108,50 @@ def test_readme_fast_commands_work(project):
             timeout=300,
         )
         assert result.returncode == 0, f"README command failed: {command}\n{result.stderr[-2000:]}"
+
+
+def test_a_queued_experiment_runs_its_own_code(project, tmp_path):
+    """`dvc exp run --queue` snapshots the workspace, src/ included; the queue later runs that
+    snapshot in a copy. The copy's code must be what runs, in the stage (the driver) and in
+    the Ray workers, even after the workspace's src/ was restored: the stages run as
+    `python -m pipeline.<stage>` from the copy's root, and a local Ray instance's workers put
+    the driver's working directory first on their sys.path."""
+    import shutil
+    import time
+    import uuid
+
+    root = tmp_path / "queued"
+    shutil.copytree(project, root, symlinks=True)
+    driver, worker = f"DRIVER-{uuid.uuid4().hex[:8]}", f"WORKER-{uuid.uuid4().hex[:8]}"
+    train, loop = root / "src" / "train.py", root / "src" / "loop.py"
+    original = {p: p.read_text() for p in (train, loop)}
+    train.write_text(original[train].replace(
+        "    root = Path(root).resolve()\n",
+        f"    root = Path(root).resolve()\n    print('{driver}', flush=True)\n", 1))  # fmt: skip
+    loop.write_text(original[loop].replace(
+        '        f"epoch {entry[\'epoch\']}/{epochs}  "',
+        f'        f"{worker} epoch {{entry[\'epoch\']}}/{{epochs}}  "', 1))  # fmt: skip
+    assert driver in train.read_text() and worker in loop.read_text()
+
+    queued = dvc(root, "exp", "run", "--queue", "-n", "marked")
+    assert queued.returncode == 0, queued.stderr[-3000:]
+    for path, text in original.items():  # the workspace gets its own code back
+        path.write_text(text)
+    assert dvc(root, "status").stdout.strip().endswith("up to date."), "workspace not restored"
+
+    started = dvc(root, "queue", "start")
+    assert started.returncode == 0, started.stderr[-3000:]
+    deadline = time.monotonic() + 600
+    while True:
+        status = dvc(root, "queue", "status").stdout
+        if "marked" in status and re.search(r"marked\s.*\b(Success|Failed)\b", status):
+            break
+        assert time.monotonic() < deadline, status
+        time.sleep(2)
+    logs = dvc(root, "queue", "logs", "marked").stdout
+    dvc(root, "queue", "stop", "--kill")
+    assert re.search(r"marked\s.*\bSuccess\b", status), status + logs[-3000:]
+    assert driver in logs, logs[-3000:]  # the stage ran the experiment's src/train.py
+    assert f"{worker} epoch 1/" in logs, logs[-3000:]  # and the workers its src/loop.py
+    for path, text in original.items():
+        assert path.read_text() == text  # the workspace was not touched
