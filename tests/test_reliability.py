@@ -2,11 +2,15 @@
 concurrency, determinism, safe loading, exposure, secrets.
 
 What this file adds to the tests of each module (which already cover much of the issue):
-  * bad inputs through the real commands (`python pipeline/<stage>.py` in a scratch project):
+  * bad inputs through the real commands (`python -m pipeline.<stage>` in a scratch project):
     exit 2, ONE line on stderr naming the file, key or service, no traceback unless --debug or
     CNN_DEBUG=1, and no output written (or the previous one kept whole);
   * `dvc repro` interrupted twice, by SIGTERM to dvc alone and by Ctrl-C (SIGINT to its process
-    group), resumes each time at the next epoch, in the same MLflow run, each step once;
+    group), each while its Ray Train workers are frozen (SIGSTOP, tests/faults.py) past a
+    checkpoint, resumes each time at the epoch after the last checkpoint, in the same MLflow
+    run, each step once;
+  * the run section of params.yaml is operational: changing it retrains nothing (DVC does not
+    track it), while a train key does; retired keys are one line naming them;
   * a DVC experiment right after it is a second, distinct MLflow run, and its 1-worker Ray run
     computes exactly what the plain single-process loop computes (determinism);
   * checkpoints only ever loaded with weights_only=True, servers bound to 127.0.0.1, secrets
@@ -15,7 +19,7 @@ What this file adds to the tests of each module (which already cover much of the
 Covered elsewhere: test_config (unknown key, wrong type, zero or negative size, unknown pool
 kind, activation, optimizer, collapsing layer), test_preprocess (unknown augmentation; outputs
 byte-identical across runs and process counts), test_data (each bad image folder, in-process),
-test_train (SIGKILL of a worker mid-epoch, SIGTERM to the train script, 2-worker determinism,
+test_train (SIGKILL of a worker mid-run, 2-worker determinism,
 two processes writing one SQLite store at once, more workers than CPUs), test_registry
 (registering without a run or a model, no champion), test_serve (HTTP 400 with the reason,
 predict on a file that is not an image).
@@ -37,8 +41,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import faults
 import numpy as np
 import pytest
 import yaml
@@ -50,7 +56,6 @@ from src.cli import run_stage
 from src.errors import PipelineError
 from src.files import atomic_dir, atomic_path
 
-FAULT_ENV = "CNN_TRAIN_FAULT"  # src.train's test hook (not imported here: torch + ray)
 NO_SERVER = "http://127.0.0.1:1"  # nothing listens on port 1
 
 
@@ -62,9 +67,12 @@ NO_SERVER = "http://127.0.0.1:1"  # nothing listens on port 1
 def stage(
     root: Path, name: str, *args: str, cwd: Path | None = None, **env: str
 ) -> subprocess.CompletedProcess:
-    """`python pipeline/<name>.py ARGS` of project `root`, run in `cwd` (default `root`)."""
+    """`python -m pipeline.<name> ARGS` of project `root`, run in `cwd` (default `root`, whose
+    code `-m` then imports; elsewhere with `root` on PYTHONPATH)."""
+    if cwd is not None and Path(cwd).resolve() != Path(root).resolve():
+        env = {"PYTHONPATH": str(root), **env}
     return subprocess.run(
-        [sys.executable, str(root / "pipeline" / f"{name}.py"), *args],
+        [sys.executable, "-m", f"pipeline.{name}", *args],
         cwd=cwd or root,
         env=project_env(**env),
         capture_output=True,
@@ -158,7 +166,7 @@ BAD_FOLDERS = {
 
 @pytest.mark.parametrize("case", list(BAD_FOLDERS))
 def test_bad_image_folder_is_one_line_and_writes_nothing(project, tmp_path, case):
-    """Items 1-4 through `python pipeline/preprocess.py`: the file, folder or key is named."""
+    """Items 1-4 through `python -m pipeline.preprocess`: the file, folder or key is named."""
     folder = image_folder(tmp_path / "images")
     data = folder
     if case == "corrupt image":
@@ -234,6 +242,18 @@ PARAM_ERRORS = [
         {"preprocess": {"image_size": 0}},
         "preprocess.image_size: input should be greater than 0 (got 0)",
     ),
+    # retired keys (test_config has the rest): what became of them, not a bare "unknown key"
+    (
+        "train",
+        {"train": {"shared_memory_allreduce": True}},
+        "train.shared_memory_allreduce: removed: CPU workers sum gradients through "
+        "torch.distributed's own backend (gloo); delete the key",
+    ),
+    (
+        "train",
+        {"train": {"storage_path": "elsewhere"}},
+        "train.storage_path: moved to run.storage_path",
+    ),
 ]
 
 
@@ -290,9 +310,9 @@ def test_run_stage_keeps_tracebacks_for_bugs(capsys, monkeypatch):
 
 @pytest.mark.slow  # three commands that import torch, ray and mlflow
 def test_train_fails_fast_on_unreachable_services_and_missing_gpus(project):
-    """Items 9-11 through `python pipeline/train.py`: an unreachable RAY_ADDRESS or tracking
+    """Items 9-11 through `python -m pipeline.train`: an unreachable RAY_ADDRESS or tracking
     server, or GPUs the machine lacks, is one line naming it; nothing is started or written."""
-    from src.train import check_ray_address
+    from src.ray_driver import check_ray_address
 
     one_line_error(
         stage(project, "train", RAY_ADDRESS="127.0.0.1:1"),
@@ -339,7 +359,8 @@ def test_evaluate_and_register_fail_fast_on_an_unreachable_tracking_server(proje
 
 
 def test_register_without_a_run_is_one_line(project, tmp_path):
-    """Item 12 through `python pipeline/register.py`: run.json names a run the store lacks
+    """Item 12 through `python -m pipeline.register` (run from another folder): run.json names
+    a run the store lacks
     (test_registry: no run.json, a run without a model, in-process)."""
     paths = {k: str(tmp_path / k) for k in ("models", "metrics", "reports")}
     params = write_params(project, tmp_path / "params.yaml", {"paths": paths})
@@ -510,7 +531,7 @@ def test_every_torch_load_is_weights_only_and_nothing_unpickles():
             if (owner, node.func.attr) == ("np", "load"):
                 flag = kwargs.get("allow_pickle")
                 assert flag is None or (isinstance(flag, ast.Constant) and not flag.value), where
-    assert loads >= 2  # src/model.py and src/train.py: the check looked at the real calls
+    assert loads >= 2  # src/model.py and src/loop.py: the check looked at the real calls
 
 
 def test_servers_bind_to_localhost():
@@ -576,7 +597,7 @@ def test_secret_looking_params_and_tags_are_never_logged(tmp_path, monkeypatch):
 # Faults and determinism through `dvc repro` (slow: four Ray fits)
 # ---------------------------------------------------------------------------------------------
 
-EPOCHS = 3
+EPOCHS = 5  # an interrupt after epoch 1's checkpoint cannot land after the last epoch
 SECRETS = {  # fake credentials in the environment of every stage: never logged anywhere
     "AWS_SECRET_ACCESS_KEY": "fake-aws-secret-7c1e",
     "MLFLOW_TRACKING_TOKEN": "fake-mlflow-token-93ab",
@@ -587,16 +608,18 @@ METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr")
 
 @pytest.fixture(scope="module")
 def dvc_project(tmp_path_factory) -> Path:
-    """A scratch git + DVC project (TINY params, 3 epochs, 2 workers) with the repo's .gitignore
+    """A scratch git + DVC project (TINY params, 5 epochs, 2 workers) with the repo's .gitignore
     (make_project commits it)."""
-    overrides = deep_update(copy.deepcopy(TINY), {"train": {"epochs": EPOCHS, "max_failures": 1}})
+    overrides = deep_update(
+        copy.deepcopy(TINY), {"train": {"epochs": EPOCHS}, "run": {"max_failures": 1}}
+    )
     root = make_project(tmp_path_factory.mktemp("rel-dvc") / "p", overrides)
     return root
 
 
-def start_dvc(root: Path, log: Path, *args: str, fault: dict | None = None) -> subprocess.Popen:
+def start_dvc(root: Path, log: Path, *args: str) -> subprocess.Popen:
     """`dvc ARGS` in its own process group (as a terminal runs it), output to `log`."""
-    env = project_env(**SECRETS, **({FAULT_ENV: json.dumps(fault)} if fault else {}))
+    env = project_env(**SECRETS)
     with open(log, "w") as out:
         return subprocess.Popen(
             ["dvc", *args], cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT,
@@ -604,42 +627,21 @@ def start_dvc(root: Path, log: Path, *args: str, fault: dict | None = None) -> s
         )  # fmt: skip
 
 
-def wait_for(predicate, proc: subprocess.Popen, log: Path, what: str, timeout: float = 600):
-    """Poll `predicate` until true; fail (killing `proc`'s group) if proc ends first or never."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if proc.poll() is not None:
-            raise AssertionError(
-                f"exited {proc.returncode} before {what}:\n{log.read_text()[-3000:]}"
-            )
-        if time.monotonic() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
-            raise AssertionError(f"timed out waiting for {what}:\n{log.read_text()[-3000:]}")
-        time.sleep(0.5)
-
-
 def checkpointed_epoch(root: Path) -> int | None:
-    """The latest epoch whose Ray checkpoint is registered in the run folder, or None."""
-    for snap in (root / "ray_results").glob("train-*/checkpoint_manager_snapshot.json"):
-        try:
-            latest = json.loads(snap.read_text()).get("latest_checkpoint_result")
-        except (OSError, ValueError):  # being rewritten
-            return None
-        if latest:
-            return latest["metrics"]["epoch"]
-    return None
+    """The latest epoch Ray registered as checkpointed in the project's run folder, or None."""
+    return faults.checkpointed_epoch(root / "ray_results")
 
 
-def stage_pid(dvc_pid: int, script: str) -> int | None:
-    """The pid of the stage command `script` that process `dvc_pid` runs (through a shell that
+def stage_pid(dvc_pid: int, module: str) -> int | None:
+    """The pid of the stage `python -m MODULE` that process `dvc_pid` runs (through a shell that
     may stay between them), or None."""
     import psutil
 
-    from src.train import SHELLS
+    from src.supervise import SHELLS
 
     for child in psutil.Process(dvc_pid).children(recursive=True):
         with contextlib.suppress(psutil.Error):
-            if child.name() not in SHELLS and script in " ".join(child.cmdline()):
+            if child.name() not in SHELLS and module in child.cmdline():
                 return child.pid
     return None
 
@@ -687,7 +689,7 @@ def logged_history(root: Path, run_id: str) -> list[dict]:
 
 STUCK_STAGE = """
 import ctypes, os, sys, threading, time
-import src.train as t
+import src.supervise as t
 t.ABANDON_GRACE, t.ABANDON_HOOK_WAIT = 2.0, 1.0
 mark, how = sys.argv[1:]
 def abandon():
@@ -771,11 +773,11 @@ def test_a_run_is_held_by_one_train_stage_at_a_time(tmp_path, capsys):
     and fails in one line (naming the holder's pid) if it does not end in time; another run is
     free meanwhile."""
     from src.errors import PipelineError
-    from src.train import RunFolder
+    from src.runstore import RunFolder
 
     storage = str(tmp_path / "ray_results")
     hold = (
-        "import sys, time\nfrom src.train import RunFolder\n"
+        "import sys, time\nfrom src.runstore import RunFolder\n"
         "with RunFolder(sys.argv[1], 'train-abc').claim():\n"
         "    print('held', flush=True)\n    time.sleep(float(sys.argv[2]))\n"
     )
@@ -817,83 +819,95 @@ def stage_report(pid: int, log: Path) -> str:
     return "\n".join([f"process {pid}:", *lines, log.read_text()[-6000:]])
 
 
+def printed_epochs(out: str) -> list[int]:
+    """The epochs a stage's output shows trained ("epoch N/EPOCHS" lines of rank 0)."""
+    return [int(n) for n in re.findall(rf"\bepoch (\d+)/{EPOCHS}\b", out)]
+
+
+def interrupted_repro(
+    root: Path, log: Path, after: int, interrupt: Callable[[subprocess.Popen], None]
+) -> tuple[subprocess.Popen, int | None]:
+    """`dvc repro train`, interrupted by `interrupt(proc)` while its Ray Train workers are frozen
+    (SIGSTOP) once an epoch later than `after` is checkpointed: the interrupt lands mid-run
+    whatever the machine's speed. Returns dvc's process, ended, and the epoch checkpointed once
+    the stage is gone (what the next repro resumes after). No frozen worker outlives it."""
+    proc = start_dvc(root, log, "repro", "train")
+    try:
+        faults.wait_until(
+            lambda: (checkpointed_epoch(root) or 0) > after,
+            f"a checkpoint after epoch {after}",
+            alive=lambda: proc.poll() is None,
+        )
+        train_pid = stage_pid(proc.pid, "pipeline.train")
+        assert train_pid is not None, log.read_text()[-3000:]
+        with faults.frozen(proc.pid, 2):
+            assert (checkpointed_epoch(root) or 0) < EPOCHS, "finished before the freeze"
+            interrupt(proc)
+            proc.wait(timeout=180)
+            # dvc may return while its stage still cleans up (its shell died, or it was killed)
+            assert wait_gone(train_pid, 180), (
+                "the train stage went on after the interrupt\n" + stage_report(train_pid, log)
+            )
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # the group outlives dvc: the stage
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    return proc, checkpointed_epoch(root)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_interrupted_dvc_repro_resumes_at_the_next_epoch(dvc_project, tmp_path):
     """SIGTERM to `dvc repro` alone (dvc does not pass it on: the stage notices its parent is
-    gone), then Ctrl-C (SIGINT to the process group): each time the next `dvc repro` resumes
-    from the last checkpoint at the next epoch, in the same MLflow run, and nothing is lost;
-    the numbers equal an uninterrupted run's."""
+    gone), then Ctrl-C (SIGINT to the process group), each landing while the Ray Train workers
+    are frozen past a checkpoint: each time the next `dvc repro` resumes at the epoch after the
+    last checkpoint, in the same MLflow run (KILLED in between), an interrupted run writes no
+    output, and the numbers equal an uninterrupted run's, each epoch logged once."""
     root = dvc_project
 
-    # 1. stall after epoch 1's checkpoint; SIGTERM to the dvc process only
-    marker = tmp_path / "stall-1"
+    # 1. SIGTERM to the dvc process only, once epoch 1 (or later) is checkpointed
     log1 = tmp_path / "repro-1.log"
-    fault = {"rank": 0, "epoch": 1, "at": "end", "action": "stall", "marker": str(marker)}
-    proc = start_dvc(root, log1, "repro", "train", fault=fault)
-    try:
-        wait_for(lambda: marker.exists() and checkpointed_epoch(root) == 1, proc, log1,
-                 "epoch 1's checkpoint")  # fmt: skip
-        train_pid = stage_pid(proc.pid, "pipeline/train.py")
-        assert train_pid is not None
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
-        assert wait_gone(train_pid, 180), (
-            "the orphaned train stage went on after dvc was killed\n"
-            + (stage_report(train_pid, log1))
-        )
-    finally:
-        with contextlib.suppress(ProcessLookupError):  # the group outlives dvc: the stage
-            os.killpg(proc.pid, signal.SIGKILL)
+    proc, k1 = interrupted_repro(root, log1, 0, lambda p: p.send_signal(signal.SIGTERM))
     out1 = log1.read_text()
     assert "error: interrupted" in out1, out1[-3000:]
+    assert k1 is not None and 1 <= k1 < EPOCHS, (k1, out1[-3000:])
     assert not (root / "models" / "model.pt").exists() and leftovers(root / "models") == []
     assert not (root / "metrics" / "train.json").exists()
     (run,) = all_runs(root)
-    assert run.info.status == "KILLED" and steps(root, run.info.run_id) == [1]
+    assert run.info.status == "KILLED"
+    # rank 0 logs an epoch just before reporting its checkpoint: the frozen one may be logged
+    assert steps(root, run.info.run_id) in (list(range(1, k1 + 1)), list(range(1, k1 + 2)))
 
-    # 2. resumes at epoch 2; stall after epoch 2's checkpoint; Ctrl-C
-    marker = tmp_path / "stall-2"
+    # 2. resumes after epoch k1; Ctrl-C once a later epoch is checkpointed
     log2 = tmp_path / "repro-2.log"
-    fault = {"rank": 0, "epoch": 2, "at": "end", "action": "stall", "marker": str(marker)}
-    proc = start_dvc(root, log2, "repro", "train", fault=fault)
-    try:
-        wait_for(lambda: marker.exists() and checkpointed_epoch(root) == 2, proc, log2,
-                 "epoch 2's checkpoint")  # fmt: skip
-        train_pid = stage_pid(proc.pid, "pipeline/train.py")
-        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
-        proc.wait(timeout=180)
-        # /bin/sh as dash dies of the SIGINT at once, and dvc returns while its stage still
-        # cleans up (a next stage of the run waits for it: RunFolder.claim)
-        assert wait_gone(train_pid, 120), stage_report(train_pid, log2)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+    proc, k2 = interrupted_repro(root, log2, k1, lambda p: os.killpg(p.pid, signal.SIGINT))
     out2 = log2.read_text()
     assert proc.returncode != 0, out2[-3000:]
     assert "resuming train-" in out2 and "error: interrupted" in out2, out2[-3000:]
     # an interrupt, not a success or a crash: the stage's own 130 (a shell that exec'd it, e.g.
     # bash) or its shell killed by the SIGINT (dash, where SHELL is unset)
     assert re.search(r"exited with (130|-2)\b", out2), out2[-3000:]
-    assert "epoch 1/3" not in out2, out2[-3000:]
+    assert k2 is not None and k1 < k2 < EPOCHS, (k1, k2, out2[-3000:])
+    printed = printed_epochs(out2)
+    assert printed and min(printed) == k1 + 1, (k1, printed, out2[-3000:])  # not from scratch
     (again,) = all_runs(root)
     assert again.info.run_id == run.info.run_id and again.info.status == "KILLED"
-    assert steps(root, run.info.run_id) == [1, 2]
+    assert steps(root, run.info.run_id) in (list(range(1, k2 + 1)), list(range(1, k2 + 2)))
     assert not (root / "models" / "model.pt").exists()
 
-    # 3. resumes at epoch 3 and finishes: one MLflow run, each epoch step exactly once
+    # 3. resumes after epoch k2 and finishes: one MLflow run, each epoch step exactly once
     done = subprocess.run(
         ["dvc", "repro", "train"], cwd=root, env=project_env(**SECRETS),
         capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     out3 = done.stdout + done.stderr
     assert done.returncode == 0, out3[-3000:]
-    assert "resuming train-" in out3 and "epoch 3/3" in out3, out3[-3000:]
-    assert "epoch 1/3" not in out3 and "epoch 2/3" not in out3, out3[-3000:]
+    assert "resuming train-" in out3, out3[-3000:]
+    assert printed_epochs(out3) == list(range(k2 + 1, EPOCHS + 1)), (k2, out3[-3000:])
     (final,) = all_runs(root)
     assert final.info.run_id == run.info.run_id and final.info.status == "FINISHED"
     for key in (*METRICS, "images_per_sec"):
-        assert steps(root, run.info.run_id, key) == [1, 2, 3], key
+        assert steps(root, run.info.run_id, key) == list(range(1, EPOCHS + 1)), key
     info = json.loads((root / "models" / "run.json").read_text())
     assert info["run_id"] == run.info.run_id
     assert info["tracking_uri"] == f"sqlite:///{root.resolve() / 'mlflow.db'}"  # not mangled
@@ -914,6 +928,61 @@ def test_interrupted_dvc_repro_resumes_at_the_next_epoch(dvc_project, tmp_path):
     (reference,) = [r for r in all_runs(root) if r.info.run_name == "uninterrupted"]
     assert logged_history(root, run.info.run_id) == logged_history(root, reference.info.run_id)
     assert_no_secrets(root)
+
+
+def dvc(root: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    """`dvc ARGS` in `root`; its output (stdout + stderr) in .stdout; fails on a non-zero exit."""
+    done = subprocess.run(
+        ["dvc", *args], cwd=root, env=project_env(**SECRETS), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, timeout=timeout,
+    )  # fmt: skip
+    assert done.returncode == 0, (args, done.stdout[-3000:])
+    return done
+
+
+def train_status(root: Path) -> dict:
+    """`dvc status --json train`: {} when the train stage (and what it depends on) is up to date."""
+    return json.loads(dvc(root, "status", "--json", "train").stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_the_run_section_retrains_nothing_and_a_train_key_does(dvc_project):
+    """run.* (experiment, storage_path, keep_runs, keep_checkpoints, max_failures) is how a run
+    is kept and tracked, not what it computes: DVC does not track it, so after a finished repro
+    changing any of it leaves the train stage up to date and `dvc repro` skips it; changing
+    train.lr makes it stale."""
+    root = dvc_project
+    params = root / "params.yaml"
+    original = params.read_text()
+    if train_status(root):  # run alone: nothing reproduced yet in this project
+        dvc(root, "repro", "train")
+    models, runs = snapshot(root / "models"), len(all_runs(root))
+    operational = {
+        "experiment": "another-experiment",
+        "storage_path": "other_results",
+        "keep_runs": 1,
+        "keep_checkpoints": 1,
+        "max_failures": 3,
+    }
+    try:
+        for key, value in operational.items():
+            write_params(root, params, {"run": {key: value}})  # each on top of the last
+            assert train_status(root) == {}, f"run.{key} made the train stage stale"
+        out = dvc(root, "repro", "train").stdout
+        assert "Stage 'train' didn't change, skipping" in out, out[-3000:]
+        assert "Running stage 'train'" not in out, out[-3000:]
+        assert snapshot(root / "models") == models and len(all_runs(root)) == runs
+        assert not (root / "other_results").exists()  # no training ran under the new settings
+
+        write_params(root, params, {"train": {"lr": 0.002}})
+        stale = train_status(root)
+        assert "train" in stale and "train.lr" in json.dumps(stale), stale
+        dry = dvc(root, "repro", "--dry", "train").stdout
+        assert "Running stage 'train'" in dry, dry[-3000:]
+    finally:
+        params.write_text(original)
+    assert train_status(root) == {}
 
 
 def assert_no_secrets(root: Path) -> None:
@@ -941,8 +1010,8 @@ def test_experiment_after_it_is_a_distinct_run_that_the_plain_loop_reproduces(dv
     import torch
 
     from src.config import load_params
+    from src.loop import run_local
     from src.preprocess import load_processed
-    from src.train import run_local
 
     root = dvc_project
     before = {r.info.run_id for r in all_runs(root)}
