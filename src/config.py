@@ -108,6 +108,7 @@ class TrainParams(Section):
     # AVX-512 BF16), else fp32
     precision: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"
     channels_last: bool = True
+
     @model_validator(mode="after")
     def _batch_divides(self) -> TrainParams:
         if self.batch_size % self.num_workers:

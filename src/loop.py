@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -48,6 +49,10 @@ EVAL_BATCH = 256
 # /proc/cpuinfo flags of the x86 CPUs whose bf16 oneDNN computes in hardware (AMX, AVX-512 BF16);
 # elsewhere CPU bf16 is emulated and slower than fp32.
 CPU_BF16_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
+
+
+class Diverged(PipelineError):
+    """The loss became NaN or infinite: training stops at that epoch (a model it is not)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -526,10 +531,22 @@ def run_epochs(
             "images_per_sec": count / seconds,
             "epoch_seconds": seconds,
         }
+        check_finite(entry)
         history.append(entry)
         if on_epoch is not None:
             on_epoch(entry, loop, history)
     return history
+
+
+def check_finite(entry: dict[str, Any]) -> None:
+    """Raise Diverged, naming the epoch and the loss, when either loss of `entry` is NaN or
+    infinite: every rank sees the same summed losses, so every rank stops at the same epoch."""
+    for key in ("train_loss", "val_loss"):
+        if not math.isfinite(entry[key]):
+            raise Diverged(
+                f"train: {key.replace('_', ' ')} became {entry[key]} at epoch {entry['epoch']}; "
+                f"nothing was registered (lower train.lr)"
+            )
 
 
 def format_epoch(entry: dict[str, Any], epochs: int) -> str:
@@ -570,5 +587,3 @@ def run_local(
     images, labels = np.array(processed.train_images), np.array(processed.train_labels)
     loop = make_loop(spec, images, labels, Comm(0, 1, device), device)
     return run_epochs(loop, Comm(0, 1, device), on_epoch=on_epoch)
-
-

@@ -47,7 +47,16 @@ import torch
 from src import tracking
 from src.config import Params, RunParams, TrainParams
 from src.errors import PipelineError
-from src.loop import Comm, LoopSpec, format_epoch, load_state, loop_spec, make_loop, run_epochs
+from src.loop import (
+    Comm,
+    Diverged,
+    LoopSpec,
+    format_epoch,
+    load_state,
+    loop_spec,
+    make_loop,
+    run_epochs,
+)
 
 CODE_ROOT = Path(__file__).resolve().parents[1]  # the checkout this code runs from
 STATE_FILE = "state.pt"  # inside each Ray checkpoint
@@ -69,12 +78,14 @@ class TrainingStopped(KeyboardInterrupt):
 # ---------------------------------------------------------------------------------------------
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, str] | None:
     """Ray Train's per-worker function: run_epochs under DDP, a report + checkpoint per epoch.
 
     config: {"spec": asdict(LoopSpec), "data": [images_ref, labels_ref] (object store),
     "tracking": {"uri", "run_id"} or None}. Rank 0 prints one line per epoch, logs the epoch to
     MLflow (step=epoch, never twice) and saves the checkpoint; every rank reports the epoch.
+    Returns {"diverged": message} when the loss became NaN or infinite (every rank stops at
+    that epoch, unreported: it is no checkpoint to resume from), else None.
     """
     import ray
     import ray.train
@@ -109,7 +120,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 tracking.log_epochs(track["uri"], track["run_id"], history)
         report_epoch(entry, loop.state(history) if rank == 0 else None)
 
-    run_epochs(loop, comm, history, on_epoch=on_epoch)
+    try:
+        run_epochs(loop, comm, history, on_epoch=on_epoch)
+    except Diverged as e:  # not a worker failure: a retry would only diverge again
+        return {"diverged": str(e)}
+    return None
 
 
 def report_epoch(entry: dict[str, Any], state: dict[str, Any] | None) -> None:
@@ -314,6 +329,7 @@ def fit(
         run.keep_checkpoints by val_accuracy, and the latest).
     Raises:
         PipelineError with the worker's error when training fails past run.max_failures;
+        Diverged when the loss became NaN or infinite (at once: no retry);
         TrainingStopped when fit() ends before the last epoch (Ctrl-C: Ray aborts the run).
     """
     import ray
@@ -367,6 +383,9 @@ def fit(
             signal.signal(signal.SIGINT, sigint)
     if result.error is not None:
         raise PipelineError(f"train: training failed: {_worker_error(result.error)}")
+    returned = getattr(result, "return_value", None) or {}  # rank 0's return (Ray >= 2.49)
+    if "diverged" in returned:
+        raise Diverged(returned["diverged"])
     done = int((result.metrics or {}).get("epoch", 0))
     if done < spec.train["epochs"]:
         raise TrainingStopped(f"training stopped after epoch {done} of {spec.train['epochs']}")
@@ -407,5 +426,3 @@ def run_ray(params: Params, processed: Any, storage: str | os.PathLike) -> list[
             run=params.run,
         )  # fmt: skip
     return best_checkpoint(result)[1]
-
-

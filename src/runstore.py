@@ -175,5 +175,3 @@ def prune_runs(storage: str, keep: int, current: str) -> list[str]:
             continue
         removed.append(name)
     return removed
-
-

@@ -35,7 +35,6 @@ def main() -> None:
     print(note)
 
 
-
 def cli() -> None:
     """Run `main` with the stages' one-line errors."""
     run_stage(main)

@@ -126,5 +126,3 @@ def _stop_with_parent(
         last.start()
         last.join(ABANDON_HOOK_WAIT)
     os._exit(143)
-
-

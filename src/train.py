@@ -23,7 +23,6 @@ Decisions (and why):
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import statistics
@@ -36,7 +35,6 @@ import torch
 
 from src import tracking
 from src.config import Params
-from src.errors import PipelineError
 from src.files import atomic_dir, write_json
 from src.loop import LoopSpec, loop_spec, training_split
 from src.model import CNN, CNNConfig, save_checkpoint
@@ -207,7 +205,6 @@ def _train_run(
                 run=params.run, track=track,
             )  # fmt: skip
             best, history = best_checkpoint(result)
-            _ensure_finite(history)
         except BaseException as e:
             tracking.end_run(run_id, _end_status(e))
             raise
@@ -277,12 +274,3 @@ def write_outputs(
 def _end_status(e: BaseException) -> str:
     """The MLflow status of a run that stopped on `e`: interrupted (KILLED) or FAILED."""
     return "KILLED" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "FAILED"
-
-
-def _ensure_finite(history: list[dict[str, Any]]) -> None:
-    """A diverged run (NaN loss) is an error, not a model."""
-    for e in history:
-        if not math.isfinite(e["train_loss"]):
-            raise PipelineError(
-                f"train: loss became {e['train_loss']} at epoch {e['epoch']}; lower train.lr"
-            )

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("preprocess", "train", "evaluate", "register")
+STAGES = ("check_params", "preprocess", "train", "evaluate", "register")
 
 
 def _is_main_guard(node: ast.AST) -> bool:
@@ -113,14 +113,31 @@ def test_src_uses_public_framework_apis_only(path):
     tree = ast.parse(text)
     for cls in (n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)):
         bases = {ast.unparse(b) for b in cls.bases}
-        project_bases = {b for b in bases if b in {c.name for c in ast.walk(tree)
-                                                     if isinstance(c, ast.ClassDef)}}
-        foreign = bases - project_bases - {"object", "Exception", "KeyboardInterrupt",
-                                           "BaseModel", "Section", "nn.Module", "ValueError"}
+        project_bases = {
+            b for b in bases if b in {c.name for c in ast.walk(tree) if isinstance(c, ast.ClassDef)}
+        }
+        foreign = (
+            bases
+            - project_bases
+            - {
+                "object",
+                "Exception",
+                "KeyboardInterrupt",
+                "BaseModel",
+                "Section",
+                "nn.Module",
+                "ValueError",
+            }
+        )
         if not foreign:
             continue
-        private = [f.name for f in cls.body if isinstance(f, ast.FunctionDef)
-                   and f.name.startswith("_") and not f.name.startswith("__")]
+        private = [
+            f.name
+            for f in cls.body
+            if isinstance(f, ast.FunctionDef)
+            and f.name.startswith("_")
+            and not f.name.startswith("__")
+        ]
         assert not private, f"{path.name}: {cls.name}({', '.join(bases)}) overrides {private}"
 
 

@@ -155,3 +155,38 @@ def test_a_queued_experiment_runs_its_own_code(project, tmp_path):
     assert f"{worker} epoch 1/" in logs, logs[-3000:]  # and the workers its src/loop.py
     for path, text in original.items():
         assert path.read_text() == text  # the workspace was not touched
+
+
+@pytest.mark.parametrize(
+    "edit, key",
+    [
+        (lambda text: text.replace("\ntrain:\n", "\ntrian:\n", 1), "trian: unknown key"),
+        (lambda text: text.replace("\nbase:\n", "\nbase:\n  bogus_key: 1\n", 1),
+         "base.bogus_key: unknown key"),
+        (lambda text: text.replace("\npaths:\n", "\npaths:\n  modles: elsewhere\n", 1),
+         "paths.modles: unknown key"),
+        (lambda text: text.replace("\nrun:\n", "\nrun:\n  keep_run: 3\n", 1),
+         "run.keep_run: unknown key"),
+    ],
+    ids=["misspelled-section", "base-key", "paths-key", "untracked-run-key"],
+)  # fmt: skip
+def test_a_params_typo_anywhere_fails_dvc_repro(project, edit, key):
+    """A typo in a key that no training stage tracks would leave every stage 'up to date'; the
+    check_params stage tracks the whole file, so `dvc repro` fails on it in one line naming the
+    key, and leaves every output as it was."""
+    path = project / "params.yaml"
+    params = path.read_text()
+    edited = edit(params)
+    assert edited != params
+    before = (project / "models/model.pt").read_bytes()
+    path.write_text(edited)
+    try:
+        result = dvc(project, "repro")
+    finally:
+        path.write_text(params)
+    assert result.returncode != 0, result.stdout[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: params.yaml: {key}"], result.stderr[-3000:]
+    assert "Running stage 'train'" not in result.stdout
+    assert (project / "models/model.pt").read_bytes() == before
+    assert dvc(project, "repro").returncode == 0  # the file back as it was: valid again
