@@ -20,7 +20,8 @@ import pandas as pd
 from src.cli import run_stage
 from src.data import check_image_file, decode_image
 from src.errors import PipelineError
-from src.registry import MAX_IMAGE_PIXELS, load_model
+from src.registry import load_model
+from src.serving import MAX_IMAGE_PIXELS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

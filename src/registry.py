@@ -1,34 +1,21 @@
-"""The MLflow model of this pipeline, and the register stage's promotion rule.
+"""Logging and loading the pipeline's MLflow model, and the register stage's promotion rule.
 
-The logged model is an MLflow pyfunc (`ImageClassifier`) that carries `model.pt` and applies the
-test-split preprocessing itself, so `mlflow models serve` and `src.predict` take raw images.
-
-Input (a pandas DataFrame, or any JSON form MLflow's scoring server turns into one): one column
-``image``; each cell is either
-  * a nested list / uint8 array of pixels, H x W (grayscale) or H x W x 3 (RGB; H x W x 1 and
-    H x W x 4 with alpha are accepted too), integers 0-255, any size, or
-  * a base64 string (or bytes) of an encoded image file: PNG, JPEG, BMP, ...
-Output: a DataFrame, one row per image: ``label`` (predicted class name), ``probability`` (its
-probability), ``class_index``, ``probabilities`` ({class name: probability} over every class).
+The model itself (`ImageClassifier`, its input forms and output) is src.serving; it is logged as
+models-from-code (src/mlflow_model.py, run at load time: nothing is unpickled) with `model.pt` as
+its one artifact. It is the only model a training run logs.
 
     curl -s http://127.0.0.1:5000/invocations -H 'Content-Type: application/json' \
       -d '{"dataframe_split": {"columns": ["image"], "data": [["'"$(base64 -w0 digit.png)"'"]]}}'
 
-Malformed input raises MlflowException(INVALID_PARAMETER_VALUE): the scoring server answers
-HTTP 400 with the reason instead of a 500.
-
 Registering (`register`): once per training run, alias ``challenger`` on that version, alias
 ``champion`` moved only when the candidate beats the champion's test metric by ``min_delta``.
-Only this module and `src/tracking.py` import mlflow.
+Only this module, src/serving.py and src/tracking.py import mlflow.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import datetime as dt
 import hashlib
-import io
 import json
 import math
 import os
@@ -39,203 +26,23 @@ import mlflow
 import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from src import tracking
 from src.errors import PipelineError
 from src.files import read_json, write_json
+from src.serving import (
+    CHECKPOINT_KEY,
+    FORMAT,
+    FORMAT_TAG,
+    KIND,
+    KIND_TAG,
+    SERVING_REQUIREMENTS,
+    signature,
+)
 
 MODEL_ARTIFACT = "model"  # the name the train stage logs the pyfunc under in its run
-CHECKPOINT_KEY = "checkpoint"  # the pyfunc artifact holding model.pt
-KIND_TAG = "cnn_pipeline.kind"  # set on our registered models and versions, to tell them apart
-KIND = "image-classifier-pyfunc/1"
+MODEL_FILE = Path(__file__).with_name("mlflow_model.py")  # models-from-code: run, not unpickled
 CHAMPION, CHALLENGER = "champion", "challenger"
-MAX_IMAGE_PIXELS = 40_000_000  # larger inputs are refused before decoding (decompression bombs)
-PREDICT_BATCH = 256  # images per forward pass: bounds the memory one request holds
-
-# What serving needs, as ranges: the exact pins MLflow infers (torch==2.13.0) resolve to a CUDA
-# build elsewhere, and inferring them costs ~5 s per log_model (see FINDINGS.md).
-SERVING_REQUIREMENTS = [
-    f"mlflow>={mlflow.__version__.split('.')[0]}.0",
-    "torch>=2.4",
-    "numpy>=1.26",
-    "pandas>=2.0",
-    "albumentations>=2.0,<2.1",
-    "opencv-python-headless>=4.9",
-    "pillow>=10.0",
-    "pydantic>=2.6",
-    "pyyaml>=6.0",
-]
-
-
-# ---------------------------------------------------------------------------------------------
-# Raw images in, probabilities out
-# ---------------------------------------------------------------------------------------------
-
-
-def decode_image(blob: bytes, name: str, channels: int) -> np.ndarray:
-    """Decode an encoded image file (PNG, JPEG, ...) into uint8 pixels in `channels` (1 or 3).
-
-    Decoding and channel conversion are `src.data`'s, so served images match the training data.
-    Raises ValueError with a one-line message starting with `name` when `blob` is not an image.
-    """
-    from src.data import decode_image as decode_file
-
-    try:
-        return decode_file(io.BytesIO(blob), channels, 1, MAX_IMAGE_PIXELS)
-    except PipelineError as e:
-        # its message starts with the file object's repr: name the request's image instead
-        reason = str(e).split(": ", 1)[-1]
-        raise ValueError(f"{name}: {reason}") from None
-
-
-def to_pixels(value: Any, name: str, channels: int) -> np.ndarray:
-    """One input cell as uint8 pixels H x W or H x W x 1|2|3|4 (converted later by
-    `prepare_images`), or, for a base64 string / bytes of an image file, decoded to `channels`.
-
-    Raises ValueError naming `name` on anything else (ragged lists, floats, values > 255, ...).
-    """
-    if isinstance(value, str):
-        try:
-            blob = base64.b64decode(value, validate=True)
-        except (binascii.Error, ValueError):
-            raise ValueError(
-                f"{name}: a string must be a base64-encoded image file (PNG, JPEG, ...)"
-            ) from None
-        return decode_image(blob, name, channels)
-    if isinstance(value, (bytes, bytearray)):
-        return decode_image(bytes(value), name, channels)
-    if not isinstance(value, (list, tuple, np.ndarray)):
-        raise ValueError(
-            f"{name}: expected a nested list of pixels or a base64 image file, "
-            f"got {type(value).__name__}"
-        )
-    try:
-        arr = np.asarray(value)
-        if arr.dtype == object:
-            # pandas and JSON parsing can leave nested lists as arrays of arrays
-            arr = np.asarray(arr.tolist())
-    except ValueError:
-        raise ValueError(f"{name}: ragged pixel array (rows of different lengths)") from None
-    shape = "x".join(map(str, arr.shape))
-    if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (1, 2, 3, 4))):
-        raise ValueError(f"{name}: expected H x W (gray) or H x W x 3 (RGB) pixels, got {shape}")
-    if arr.size == 0:
-        raise ValueError(f"{name}: empty image ({shape})")
-    if arr.shape[0] * arr.shape[1] > MAX_IMAGE_PIXELS:
-        raise ValueError(f"{name}: image too large ({shape}, over {MAX_IMAGE_PIXELS} pixels)")
-    if arr.dtype == bool or arr.dtype.kind not in "iuf":
-        raise ValueError(f"{name}: pixels must be integers 0-255, got {arr.dtype} values")
-    if arr.dtype.kind == "f" and not np.all(np.isfinite(arr) & (arr == np.round(arr))):
-        raise ValueError(f"{name}: pixels must be integers 0-255, got fractional values")
-    if arr.dtype != np.uint8 and (arr.min() < 0 or arr.max() > 255):
-        raise ValueError(
-            f"{name}: pixels must be integers 0-255, got values {arr.min()}..{arr.max()}"
-        )
-    return arr.astype(np.uint8, copy=False)
-
-
-def _cells(model_input: Any) -> list[Any]:
-    """The `image` cells of whatever MLflow hands to predict."""
-    if isinstance(model_input, pd.DataFrame):
-        if "image" not in model_input.columns:
-            cols = ", ".join(map(str, model_input.columns))
-            raise ValueError(f"expected a column 'image', got columns [{cols}]")
-        return list(model_input["image"])
-    if isinstance(model_input, dict) and "image" in model_input:
-        cells = model_input["image"]
-        return list(cells) if isinstance(cells, (list, tuple)) else [cells]
-    if isinstance(model_input, (list, tuple)):
-        return list(model_input)
-    raise ValueError(
-        f"expected a DataFrame with a column 'image', got {type(model_input).__name__}"
-    )
-
-
-def _invalid(message: str) -> MlflowException:
-    # INVALID_PARAMETER_VALUE maps to HTTP 400 in the scoring server, with `message` in the body
-    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
-
-
-class ImageClassifier(mlflow.pyfunc.PythonModel):
-    """Raw images -> class probabilities, with the test-split preprocessing built in.
-
-    The instance holds nothing when pickled: `load_context` rebuilds the network from the
-    `checkpoint` artifact (weights only) and reads the preprocessing from its `extra`.
-    """
-
-    def load_context(self, context) -> None:
-        """Load the checkpoint named by the `checkpoint` artifact."""
-        from src.model import load_checkpoint
-
-        self.model, self.extra = load_checkpoint(context.artifacts[CHECKPOINT_KEY])
-        self.model.eval()
-
-    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        """Classify each image of `model_input` (see the module docstring for the format)."""
-        try:
-            cells = _cells(model_input)
-            if not cells:
-                raise ValueError("no images in the request")
-            channels = int(self.extra["channels"])
-            images = [to_pixels(c, f"image[{i}]", channels) for i, c in enumerate(cells)]
-            probs = classify(self.model, self.extra, images)
-        except (ValueError, PipelineError) as e:
-            raise _invalid(str(e)) from None
-        return probabilities_frame(probs, self.extra["class_names"])
-
-
-def classify(model, extra: dict[str, Any], images: list[np.ndarray]) -> np.ndarray:
-    """Class probabilities (N, num_classes) of raw uint8 images, preprocessed like the test split."""
-    from src.evaluate import predict_logits
-    from src.transforms import prepare_images
-
-    out = []
-    for start in range(0, len(images), PREDICT_BATCH):
-        batch = prepare_images(
-            images[start : start + PREDICT_BATCH], extra["preprocess"], extra["channels"]
-        )
-        logits = predict_logits(model, batch, extra["mean"], extra["std"], PREDICT_BATCH)
-        out.append(softmax(logits))
-    return np.concatenate(out)
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax in float64 (rows sum to 1 to within 1e-12)."""
-    z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
-def probabilities_frame(probs: np.ndarray, class_names: list[str]) -> pd.DataFrame:
-    """The pyfunc's output rows: label, probability, class_index, probabilities by class name."""
-    idx = probs.argmax(axis=1)
-    return pd.DataFrame(
-        {
-            "label": [class_names[i] for i in idx],
-            "probability": [float(p[i]) for p, i in zip(probs, idx, strict=True)],
-            "class_index": idx.astype(np.int64),
-            "probabilities": [
-                {name: float(v) for name, v in zip(class_names, p, strict=True)} for p in probs
-            ],
-        }
-    )
-
-
-def _signature():
-    from mlflow.models import ModelSignature
-    from mlflow.types.schema import AnyType, ColSpec, DataType, Map, Schema
-
-    inputs = Schema([ColSpec(AnyType(), "image")])  # pixels (nested list) or base64 image file
-    outputs = Schema(
-        [
-            ColSpec(DataType.string, "label"),
-            ColSpec(DataType.double, "probability"),
-            ColSpec(DataType.long, "class_index"),
-            ColSpec(Map(DataType.double), "probabilities"),
-        ]
-    )
-    return ModelSignature(inputs=inputs, outputs=outputs)
 
 
 def log_pyfunc_model(checkpoint_path: str | os.PathLike, name: str = MODEL_ARTIFACT) -> str:
@@ -258,14 +65,15 @@ def log_pyfunc_model(checkpoint_path: str | os.PathLike, name: str = MODEL_ARTIF
     src_dir = Path(__file__).resolve().parent
     info = mlflow.pyfunc.log_model(
         name=name,
-        python_model=ImageClassifier(),
+        python_model=str(MODEL_FILE),  # models-from-code: stored as code, run at load
         artifacts={CHECKPOINT_KEY: str(checkpoint_path)},
-        code_paths=[str(src_dir)],  # the served model imports src.model / src.preprocess
+        code_paths=[str(src_dir)],  # the model file imports src.serving, src.model, ...
         pip_requirements=SERVING_REQUIREMENTS,
-        signature=_signature(),
+        signature=signature(),
         input_example=example,
         metadata={
             KIND_TAG: KIND,
+            FORMAT_TAG: FORMAT,
             "class_names": list(extra["class_names"]),
             "channels": int(extra["channels"]),
         },
@@ -293,6 +101,11 @@ def load_model(model_uri: str, root: str | os.PathLike | None = None):
         meta = get_model_info(model_uri).metadata or {}
         if meta.get(KIND_TAG) != KIND:
             raise PipelineError(f"{model_uri}: not an image classifier logged by this pipeline")
+        if meta.get(FORMAT_TAG) != FORMAT:
+            raise PipelineError(
+                f"{model_uri}: logged by an earlier version of this pipeline as a pickled Python "
+                f"object, which is not loaded; retrain it (dvc repro -f train) and register again"
+            )
         return mlflow.pyfunc.load_model(model_uri)
     except MlflowException as e:
         first = str(e.message).splitlines()[0] if e.message else e.error_code

@@ -375,26 +375,6 @@ def active_run(run_id: str) -> Iterator[None]:
     mlflow.end_run("FINISHED")
 
 
-def log_torch_model(model: Any, example: Any, name: str = "torch_model") -> str:
-    """Log a torch module (eval mode, CPU) with its signature and an input example in the
-    active run; returns the model URI. Requirements are given as ranges, not inferred
-    (inference costs ~5 s and pins a build that resolves to CUDA elsewhere)."""
-    import mlflow
-    import torch
-    from mlflow.models import infer_signature
-
-    with torch.no_grad():
-        out = model(torch.from_numpy(example)).numpy()
-    info = mlflow.pytorch.log_model(
-        model,
-        name=name,
-        signature=infer_signature(example, out),
-        input_example=example,
-        pip_requirements=["torch>=2.4", "numpy>=1.26"],
-    )
-    return info.model_uri
-
-
 def set_tag(run_id: str, key: str, value: str, uri: str | None = None) -> None:
     """Set one tag on a run (with the SQLite lock retry), in the store at `uri` (default: the
     process's tracking URI)."""

@@ -259,10 +259,6 @@ def write_outputs(
     write_plots(root / paths.plots / "train", history)
     tracking.log_epochs(tracking.setup(root), run_id, history)  # epochs rank 0 did not log
     with tracking.active_run(run_id):
-        side, channels = int(meta["image_size"]), int(meta["channels"])
-        # batch 2: an example batch of 1 would fix the exported model's batch size to 1
-        example = np.zeros((2, channels, side, side), dtype=np.float32)
-        tracking.log_torch_model(net, example)
         from src.registry import log_pyfunc_model
 
         log_pyfunc_model(model_path)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -236,3 +237,55 @@ def test_pyfunc_matches_evaluate_on_raw_test_images(kit, pyfunc):
     assert np.array_equal(out["class_index"].to_numpy(), ev.preds)
     probs = np.array([list(p.values()) for p in out["probabilities"]])
     np.testing.assert_allclose(probs, ev.probs, atol=1e-5)
+
+
+def test_the_registered_model_loads_and_predicts_without_unpickling(kit, store, tmp_path,
+                                                                    monkeypatch):  # fmt: skip
+    """Models-from-code: the MLmodel file names the model file, no .pkl, and with every
+    unpickler made to raise, the champion still loads from the registry and predicts."""
+    import pickle
+
+    import cloudpickle
+    import yaml
+    from mlflow.artifacts import download_artifacts
+
+    params = RegisterParams(model_name="no-pickle")
+    run_json, eval_json = candidate(kit, tmp_path / "c", {"accuracy": 0.9})
+    registry.register(run_json, eval_json, params, tmp_path / "reports", root=tmp_path)
+    local = download_artifacts(
+        artifact_uri="models:/no-pickle@champion", dst_path=str(tmp_path / "m")
+    )
+    files = sorted(p.name for p in Path(local).rglob("*"))
+    assert not [f for f in files if f.endswith((".pkl", ".pickle", ".cloudpickle"))], files
+    mlmodel = yaml.safe_load((Path(local) / "MLmodel").read_text())
+    flavor = mlmodel["flavors"]["python_function"]
+    assert flavor["loader_module"] == "mlflow.pyfunc.loaders.code_model", flavor  # run as code
+    assert "python_model" not in flavor and "mlflow_model.py" in files, (flavor, files)
+    assert ".pkl" not in json.dumps(mlmodel)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("something was unpickled")
+
+    for module in (pickle, cloudpickle):
+        monkeypatch.setattr(module, "loads", refuse)
+        monkeypatch.setattr(module, "load", refuse)
+    model = mlflow.pyfunc.load_model("models:/no-pickle@champion")
+    images, labels = raw_test_images(kit.params)
+    out = model.predict(pd.DataFrame({"image": [im.tolist() for im in images[:20]]}))
+    assert len(out) == 20 and (out["class_index"].to_numpy() == labels[:20]).mean() > 0.5
+
+
+def test_a_version_logged_as_a_pickle_is_refused_in_one_line(kit, store, tmp_path):
+    """A version from before models-from-code (metadata without the format key) is not
+    loaded: one line says to retrain and register again."""
+    from src.serving import KIND, KIND_TAG
+
+    exp = mlflow.set_experiment("old-format")
+    with mlflow.start_run(experiment_id=exp.experiment_id):
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=registry.MODEL_FILE,
+            artifacts={"checkpoint": str(kit.model_pt)}, metadata={KIND_TAG: KIND},
+            code_paths=[str(registry.MODEL_FILE.parent)], pip_requirements=["mlflow"],
+        )  # fmt: skip
+    with pytest.raises(PipelineError, match=r"earlier version .* retrain it .* register again"):
+        registry.load_model(info.model_uri, kit.root)
