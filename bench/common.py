@@ -6,12 +6,10 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import json
-import multiprocessing
 import os
 import platform
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,11 +24,14 @@ import numpy as np
 import psutil
 import yaml
 
+
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "bench" / "out"  # scratch projects and data (git-ignored)
 RESULTS = REPO / "bench" / "results"  # one JSON per item: BENCHMARKS.md is built from them
 FASHION = REPO.parent / "shared" / "data" / "fashion-mnist"
 PROJECT_FILES = ("dvc.yaml", "pyproject.toml", "src", "pipeline")
+# the code whose speed the figures measure: a result records its last commit (code_version)
+MEASURED_CODE = ("src", "pipeline", "dvc.yaml", "params.yaml")
 VERSIONED = ("torch", "ray", "mlflow", "dvc", "albumentations", "numpy", "opencv-python-headless")
 
 
@@ -85,6 +86,24 @@ def versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             out[name] = "absent"
     return out
+
+
+def code_version(paths: Sequence[str] = MEASURED_CODE) -> str:
+    """The short hash of the last commit that changed `paths`, with "+dirty" when they hold
+    uncommitted changes (the figures then measure code no commit has); "unknown" without git."""
+    try:
+        git = ["git", "-C", str(REPO)]
+        commit = subprocess.run(
+            [*git, "log", "-1", "--format=%h", "--", *paths],
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(
+            [*git, "status", "--porcelain", "--", *paths],
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{commit}+dirty" if dirty else commit or "unknown"
 
 
 def loadavg() -> list[float]:
@@ -725,27 +744,3 @@ def cpu_scaling(seconds: float = 3.0) -> dict[str, float]:
         with mp.get_context("fork").Pool(2) as pool:
             two = pool.map(_matmul_loop, [seconds, seconds])
     return {"one": one, "two": sum(two), "scaling": sum(two) / one}
-
-
-def run_ranks(target: Any, world: int, *args: Any, timeout: float = 3600) -> Any:
-    """Run `target(rank, *args, address, out)` in `world` spawned processes that meet at a free
-    local port (`address`, for torch.distributed); return what rank 0 puts on `out` (within
-    `timeout` seconds). `target` must be importable (a module's top-level function)."""
-    ctx = multiprocessing.get_context("spawn")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        address = f"tcp://127.0.0.1:{sock.getsockname()[1]}"
-    out = ctx.Queue()
-    procs = [ctx.Process(target=target, args=(r, *args, address, out)) for r in range(world)]
-    for proc in procs:
-        proc.start()
-    try:
-        result = out.get(timeout=timeout)
-    finally:
-        for proc in procs:
-            proc.join(timeout=60)
-            if proc.is_alive():
-                proc.kill()
-    if any(proc.exitcode != 0 for proc in procs):
-        raise RuntimeError(f"{target.__name__}: exit codes {[p.exitcode for p in procs]}")
-    return result

@@ -3,8 +3,8 @@
   end-to-end   `dvc repro` in a fresh copy of the project with the repository's params.yaml
                (the default data): what `make run` does after `make install`
   no-op        `dvc repro` again with nothing changed (median of `rounds`)
-  stage start  `python pipeline/<stage>.py --help`: interpreter + the stage's imports
-  Ray start    in a fresh process: `import ray.train.torch`, then `src.train.ray_session()`
+  stage start  `python -m pipeline.<stage> --help`: interpreter + the stage's imports
+  Ray start    in a fresh process: `import ray.train.torch`, then `src.ray_driver.ray_session()`
                entered (ray.init sized to this machine) and left (shutdown)
 The per-fit cost of Ray Train (worker group start, set-up, shutdown) is item 1's fixed_s.
 """
@@ -37,7 +37,7 @@ import json, time
 t0 = time.perf_counter()
 import ray.train.torch  # noqa: F401
 t1 = time.perf_counter()
-from src.train import ray_session
+from src.ray_driver import ray_session
 with ray_session():
     t2 = time.perf_counter()
 t3 = time.perf_counter()
@@ -92,9 +92,9 @@ def measure(
         **{
             f"{stage} start-up": (
                 lambda s=stage: {
-                    "seconds": timed_cmd([sys.executable, f"pipeline/{s}.py", "--help"], project)[
-                        "seconds"
-                    ]
+                    "seconds": timed_cmd(
+                        [sys.executable, "-m", f"pipeline.{s}", "--help"], project
+                    )["seconds"]
                 }
             )
             for stage in stages

@@ -1,6 +1,6 @@
-"""Item 1: the training loop through Ray Train (the train stage's own code: `src.train.run_ray`,
+"""Item 1: the training loop through Ray Train (the train stage's own code: `src.ray_driver.run_ray`,
 TorchTrainer + per-epoch report and checkpoint) against the plain single-process loop
-(`src.train.run_local`) on the same model, data, global batch and thread count; and 2 workers x
+(`src.loop.run_local`) on the same model, data, global batch and thread count; and 2 workers x
 1 thread against 1 worker x 2 threads. plain2 runs the 2 workers' DDP loop without Ray (2 processes
 joined by torch.distributed alone): ray2/plain2 is what Ray costs 2 workers, plain2/plain what
 DDP over 2 processes gains or loses on its own.
@@ -31,7 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import Alternation, CpuTimeline, cpu_scaling, cpus, median, run_ranks
+from bench.common import Alternation, CpuTimeline, cpu_scaling, cpus, median
+from bench.ranks import run_ranks
 from src.config import Params, parse_params
 from src.preprocess import Processed
 
@@ -59,10 +60,8 @@ def subset(processed: Processed, n: int) -> Processed:
 def variant_params(raw: dict[str, Any], workers: int, threads: int, epochs: int) -> Params:
     """`raw` params with the variant's scaling; every checkpoint kept (their times are read)."""
     raw = copy.deepcopy(raw)
-    raw["train"].update(
-        num_workers=workers, cpus_per_worker=threads, epochs=epochs, keep_checkpoints=epochs,
-        max_failures=0, use_gpu=False,
-    )  # fmt: skip
+    raw["train"].update(num_workers=workers, cpus_per_worker=threads, epochs=epochs, use_gpu=False)
+    raw["run"].update(keep_checkpoints=epochs, max_failures=0)
     return parse_params(raw)
 
 
@@ -129,7 +128,7 @@ def _measured(
     `train()` returns (history, epoch end times); its rates (see the module docstring), who used
     the CPUs meanwhile (`ray_cpu`, the `trainer` processes against the rest) and the instance's
     start-up time (ray_init_s, not in the rates)."""
-    from src.train import ray_session
+    from src.ray_driver import ray_session
 
     start = time.time()
     with ray_session():
@@ -144,7 +143,7 @@ def _measured(
 
 def run_plain(params: Params, data: Processed) -> dict[str, Any]:
     """One plain-loop run beside a fresh, idle Ray instance (`_measured`)."""
-    from src.train import run_local
+    from src.loop import run_local
 
     def train() -> tuple[list[dict[str, Any]], list[float]]:
         ends: list[float] = []
@@ -156,8 +155,8 @@ def run_plain(params: Params, data: Processed) -> dict[str, Any]:
 
 def model_parameters(params: Params, data: Processed) -> int:
     """How many parameters (and so gradient values each DDP step all-reduces) the model has."""
+    from src.loop import loop_spec
     from src.model import CNN, CNNConfig
-    from src.train import loop_spec
 
     net = CNN(CNNConfig(**loop_spec(params, data.meta).model))
     return sum(p.numel() for p in net.parameters())
@@ -171,14 +170,15 @@ def _set_process_name(name: str) -> None:
 
 def _plain_ddp_rank(rank: int, params: Params, data: Processed, address: str, out: Any) -> None:
     """One rank of plain2: the Ray worker's loop (`run_epochs` over DDP with the same options,
-    `src.train.ddp_options`) in a process of its own, joined by torch.distributed (gloo) alone.
+    `src.ray_driver.ddp_options`) in a process of its own, joined by torch.distributed (gloo) alone.
     Rank 0 puts (history, epoch end times) on `out`."""
     import functools
 
     import torch
     import torch.distributed as dist
 
-    from src.train import Comm, ddp_options, loop_spec, make_loop, run_epochs
+    from src.loop import Comm, loop_spec, make_loop, run_epochs
+    from src.ray_driver import ddp_options
 
     _set_process_name(PLAIN_DDP)
     world, device = params.train.num_workers, torch.device("cpu")
@@ -186,8 +186,7 @@ def _plain_ddp_rank(rank: int, params: Params, data: Processed, address: str, ou
     dist.init_process_group("gloo", init_method=address, rank=rank, world_size=world)
     try:
         comm = Comm(rank, world, device)
-        options = ddp_options(device, params.train.shared_memory_allreduce, one_host=True)
-        wrap = functools.partial(torch.nn.parallel.DistributedDataParallel, **options)
+        wrap = functools.partial(torch.nn.parallel.DistributedDataParallel, **ddp_options())
         images, labels = np.array(data.train_images), np.array(data.train_labels)
         loop = make_loop(loop_spec(params, data.meta), images, labels, comm, device, wrap=wrap)
         ends: list[float] = []
@@ -207,41 +206,31 @@ def run_plain_ddp(params: Params, data: Processed) -> dict[str, Any]:
 
 
 def _allreduce_rank(rank: int, numel: int, calls: int, address: str, out: Any) -> None:
-    """One rank of `allreduce_seconds`; rank 0 puts the median seconds of a call on `out`,
-    for gloo and for the shared-memory all-reduce."""
+    """One rank of `allreduce_seconds`; rank 0 puts the median seconds of a call on `out`."""
     import torch
     import torch.distributed as dist
-
-    from src.allreduce import SharedMemoryAllReduce
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=address, rank=rank, world_size=2)
     try:
-        shared = SharedMemoryAllReduce.connect()
-        ways = {"gloo": dist.all_reduce}
-        if shared is not None:
-            ways["shared memory"] = shared.all_reduce
-        grads, times = torch.ones(numel), {}
-        for name, all_reduce in ways.items():
-            for _ in range(10):  # warm-up: connections, buffers
-                all_reduce(grads)
-            seconds = []
-            for _ in range(calls):
-                dist.barrier()
-                start = time.perf_counter()
-                all_reduce(grads)
-                seconds.append(time.perf_counter() - start)
-            times[name] = median(seconds)
+        grads = torch.ones(numel)
+        for _ in range(10):  # warm-up: connections, buffers
+            dist.all_reduce(grads)
+        seconds = []
+        for _ in range(calls):
+            dist.barrier()
+            start = time.perf_counter()
+            dist.all_reduce(grads)
+            seconds.append(time.perf_counter() - start)
         if rank == 0:
-            out.put(times)
+            out.put(median(seconds))
     finally:
         dist.destroy_process_group()
 
 
-def allreduce_seconds(numel: int, calls: int = 200) -> dict[str, float]:
-    """Median seconds of one all-reduce of `numel` float32 (a step's gradients) between 2
-    processes on this machine (1 thread each), nothing else running in them: by gloo (TCP
-    loopback) and through shared memory (`src.allreduce`, where it connects)."""
+def allreduce_seconds(numel: int, calls: int = 200) -> float:
+    """Median seconds of one gloo all-reduce (TCP loopback) of `numel` float32 (a step's
+    gradients) between 2 processes on this machine (1 thread each, nothing else running)."""
     return run_ranks(_allreduce_rank, 2, numel, calls)
 
 
@@ -255,7 +244,7 @@ def _steps_rank(
     import torch.distributed as dist
     from torch import nn
 
-    from src.train import Comm, epoch_batches, epoch_rows, loop_spec, make_loop, train_epoch
+    from src.loop import Comm, epoch_batches, epoch_rows, loop_spec, make_loop, train_epoch
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=address, rank=rank, world_size=2)
@@ -314,7 +303,7 @@ def checkpoint_times(storage: Path) -> list[float]:
 def run_on_ray(params: Params, data: Processed, scratch: Path) -> dict[str, Any]:
     """One Ray Train run in a fresh Ray instance (fresh run folder under `scratch`): its
     rates; the instance's start-up is not in them."""
-    from src.train import run_ray
+    from src.ray_driver import run_ray
 
     storage = Path(tempfile.mkdtemp(dir=scratch))
 

@@ -22,13 +22,13 @@ os.environ.setdefault("CNN_QUIET", "1")
 
 from bench import common, fashion, gpu, memory, overheads, preprocess_speed, ray_overhead, report  # noqa: E402
 from bench.common import FASHION, OUT, REPO, RESULTS, load_yaml  # noqa: E402
-from src.train import WORKER_ENV  # noqa: E402
 
-# the plain loops train in this process (and its spawned children) with what the Ray workers get;
-# torch reads it at its first CPU tensor, which no import above makes
-for _name, _value in WORKER_ENV.items():
-    os.environ.setdefault(_name, _value)
-
+# Item 1's sizes. This machine's speed moves by 10-30% within seconds: more rounds of more epochs
+# average more of that out (9 rounds of 4 epochs once left single ratios at 0.75-1.08).
+RAY_SIZES = {
+    "quick": {"rows": 2_000, "epochs": 3, "rounds": 1},
+    "full": {"rows": 12_000, "epochs": 8, "rounds": 7},
+}
 NAMES = ("ray", "fashion", "preprocess", "memory", "overheads", "gpu")
 ITEM = {  # name -> result file stem
     "ray": "ray_overhead",
@@ -63,23 +63,29 @@ def fashion_data(folder: Path, raw: dict[str, Any] | None = None) -> Any:
 
 
 def run_item(
-    name: str, quick: bool, out: Path, log: Any, noise: float = 0.10, runs: int = 1
+    name: str,
+    quick: bool,
+    out: Path,
+    log: Any,
+    noise: float = 0.10,
+    runs: int = 1,
+    sizes: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """Measure one item; returns its result (without machine/versions, added on saving).
     `noise`: the share of the CPUs other processes may use during a measurement before it is
-    repeated (1.0: never); `runs`: pipelines (seeds) for the Fashion-MNIST item."""
+    repeated (1.0: never); `runs`: pipelines (seeds) for the Fashion-MNIST item; `sizes`:
+    item 1's rows, epochs and rounds where given (else RAY_SIZES)."""
     raw = base_params()
     if name == "ray":
+        size = {**RAY_SIZES["quick" if quick else "full"], **(sizes or {})}
         data = fashion_data(OUT / "data" / "fashion-28")
-        data = ray_overhead.subset(data, 2_000 if quick else 12_000)
+        data = ray_overhead.subset(data, size["rows"])
         return ray_overhead.measure(
             raw,
             data,
             out / "ray",
-            # this machine's speed moves by 10-30% within seconds: 7 epochs timed per run average
-            # more of that out than 3 did (9 rounds of 4 epochs left the ratios 0.75-1.08)
-            epochs=3 if quick else 8,
-            rounds=1 if quick else 7,
+            epochs=size["epochs"],
+            rounds=size["rounds"],
             noise_limit=noise,
             lockstep_steps=50 if quick else 400,
             log=log,
@@ -139,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--runs", type=int, default=1, help="Fashion-MNIST pipelines (seeds) to run (default 1)"
     )
+    for size in ("rows", "epochs", "rounds"):
+        p.add_argument(f"--ray-{size}", type=int, default=None, help=f"item 1's {size}")
     p.add_argument(
         "--report-only", action="store_true", help="rebuild BENCHMARKS.md, measure nothing"
     )
@@ -161,11 +169,13 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.time()
         log(f"== {name} (load average {load_start})")
         noise = args.noise if args.noise is not None else (1.0 if args.quick else 0.10)
-        result = run_item(name, args.quick, out, log, noise, args.runs)
+        sizes = {k: getattr(args, f"ray_{k}") for k in ("rows", "epochs", "rounds")}
+        sizes = {k: v for k, v in sizes.items() if v is not None}
+        result = run_item(name, args.quick, out, log, noise, args.runs, sizes)
         result.update(load_start=load_start, load_end=common.loadavg(), bench_s=time.time() - t0)
-        if name == "ray":  # the training code measured: the report pools the runs of one code
-            result["code"] = len(report.RAY_CODE)
-        path = common.save_result(ITEM[name], result, results_dir, keep=name == "ray")
+        # the training code measured: the report pools the runs of one code
+        result["code"] = common.code_version()
+        path = common.save_result(ITEM[name], result, results_dir, keep=True)
         log(f"   {time.time() - t0:.0f} s, saved {path.relative_to(REPO)}")
     report.write(common.load_results(results_dir), target, common.load_history(results_dir))
     log(f"wrote {target.relative_to(REPO)}")
