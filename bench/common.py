@@ -24,7 +24,6 @@ import numpy as np
 import psutil
 import yaml
 
-
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "bench" / "out"  # scratch projects and data (git-ignored)
 RESULTS = REPO / "bench" / "results"  # one JSON per item: BENCHMARKS.md is built from them

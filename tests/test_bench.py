@@ -9,6 +9,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from conftest import REPO, TINY, tiny_raw
@@ -106,16 +107,57 @@ def test_busy_fraction_merges_overlapping_device_intervals():
 
 
 def test_gpu_path_runs_on_cpu_and_is_skipped_without_cuda(plain_data):
+    """Every figure of item 6 comes out of one call (on a CPU: no busy fraction, no peak), the
+    2 ranks share one device, see disjoint batches and end a DDP step with the same weights."""
     import torch
 
     raw, data = plain_data
     small = ray_overhead.subset(data, 300)
     out = gpu.measure(raw, small, batch_sizes=(32,), epochs=2, steps=3, device="cpu", log=print)
-    assert out["results"][0]["busy_fraction"] is None  # no device events on a CPU
-    assert out["results"][0]["images_per_sec"] > 0
+    assert [r["precision"] for r in out["results"]] == ["fp32", "bf16"]
+    assert all(r["busy_fraction"] is None and r["images_per_sec"] > 0 for r in out["results"])
+    tta = out["time_to_accuracy"]
+    assert len(tta["curve"]) <= TINY["train"]["epochs"] and 0 <= tta["accuracy"] <= 1
+    assert (tta["seconds"] is not None) == tta["reached"]
+    ranks = out["two_ranks"]
+    assert ranks["ok"] and ranks["devices"] == ["cpu", "cpu"] and ranks["disjoint_batches"]
     if not torch.cuda.is_available():
         skipped = saved("gpu", gpu.measure(raw, data))
         assert skipped["available"] is False
+
+
+def test_gpu_reads_idx_files_with_numpy_alone(tmp_path: Path):
+    """bench/gpu.py's own IDX reader (the GPU machine has no PIL): header dims, then bytes."""
+    import gzip
+
+    images = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    header = bytes([0, 0, 8, 3]) + b"".join(n.to_bytes(4, "big") for n in images.shape)
+    path = tmp_path / "x-idx3-ubyte.gz"
+    path.write_bytes(gzip.compress(header + images.tobytes()))
+    assert np.array_equal(gpu.read_idx(path), images)
+
+
+def test_bench_uses_no_framework_internals():
+    """bench/ imports no private module of Ray, torch or anything else, nor the tuning removed
+    from src/ (its shared-memory all-reduce, its worker environment)."""
+    import ast
+
+    for path in sorted((REPO / "bench").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+            else:
+                continue
+            for name in names:
+                parts = name.split(".")
+                assert not any(p.startswith("_") and p != "__future__" for p in parts), (path, name)
+                assert name.split(".")[:2] not in (["src", "allreduce"], ["src", "train"]), name
+        text = path.read_text()
+        for flag in ("WORKER_ENV", "THP_MEM_ALLOC_ENABLE", "RAY_TRAIN_", "mallopt"):
+            assert flag not in text, (path, flag)
 
 
 @pytest.mark.slow
@@ -136,6 +178,7 @@ def test_ray_overhead_smoke(plain_data, tmp_path):
     assert lockstep["steps"] == 12 and lockstep["step_s"] > 0 and lockstep["lockstep"] >= 0
     assert set(result["summary"]) == {"plain", "ray2", "plain2"}
     assert set(result["ratios"]) >= {"ray2/plain2 epoch_ips", "plain2/plain epoch_ips"}
+    assert result["allreduce"]["seconds"] > 0  # gloo, alone
     plain2 = next(r for r in result["runs"] if r["variant"] == "plain2")
     assert plain2["val_accuracy"] > 0 and plain2["ray_init_s"] > 0
     assert all(r["epoch_ips"] > 0 and r["loop_ips"] > 0 for r in result["runs"])
@@ -207,27 +250,42 @@ def test_report_renders_every_item(tmp_path: Path):
     assert text.startswith("# Benchmarks")
     for n in range(1, 7):
         assert f"## {n}." in text
-    assert "no GPU was available in this session; not measured" in text or "GPU busy" in text
+    assert report.NO_GPU in text or "GPU busy" in text
+
+
+def test_benchmarks_md_is_generated_from_the_saved_results():
+    """The committed BENCHMARKS.md is what the report makes of bench/results (rebuild it with
+    `python -m bench.run --report-only`), and stays short."""
+    text = report.render(common.load_results(), common.load_history())
+    assert (REPO / "BENCHMARKS.md").read_text() == text
+    assert len(text.encode()) < 12_000
+    for item, runs in common.load_history().items():
+        if item in report.EARLIER:  # every kept run is a row of its item's earlier-runs table
+            latest = common.load_results()[item]["measured_at"]
+            assert all(h["measured_at"][:16] in text for h in runs if h["measured_at"] != latest)
 
 
 def test_item1_verdict_pools_the_kept_runs_of_one_code_on_one_machine_kind(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
-    """save_result(keep=True) keeps each run; the report's verdict is the median of every round
-    of the runs of the same code on the same machine kind, each run's median beside it."""
+    """save_result(keep=True) keeps each run; the verdict is the median of every round of the
+    runs of the same code on the same machine kind; summaries without rounds are not pooled."""
     amd = {**common.machine(), "cpu": "AMD EPYC (family 25, model 17)"}
     intel = {**common.machine(), "cpu": "Intel(R) Xeon(R) Processor (family 6, model 207)"}
 
-    def run(code: int, machine: dict, over: list[float], scale: list[float]) -> dict:
+    def run(code: str, machine: dict, over: list[float], scale: list[float]) -> dict:
         rounds = {"ray1/plain epoch_ips": over, "ray2/ray1 epoch_ips": scale}
         ratios = {k: sorted(v)[len(v) // 2] for k, v in rounds.items()}
         return {"code": code, "machine": machine, "round_ratios": rounds, "ratios": ratios}
 
+    summary_only = run("abc1234", amd, [0.1], [0.1])
+    del summary_only["round_ratios"]  # an old run kept as its medians only: not pooled
     kept = [
-        run(9, amd, [0.90, 0.91, 0.92], [1.1, 1.1, 1.1]),
-        run(8, amd, [0.10, 0.10, 0.10], [0.1, 0.1, 0.1]),  # another code: left out
-        run(9, intel, [0.10, 0.10, 0.10], [0.1, 0.1, 0.1]),  # another machine kind: left out
-        run(9, amd, [0.99, 1.00, 1.01], [0.9, 0.9, 0.9]),
+        run("abc1234", amd, [0.90, 0.91, 0.92], [1.1, 1.1, 1.1]),
+        run("0ld0000", amd, [0.10, 0.10, 0.10], [0.1, 0.1, 0.1]),  # another code: left out
+        run("abc1234", intel, [0.10, 0.10, 0.10], [0.1, 0.1, 0.1]),  # another kind: left out
+        summary_only,
+        run("abc1234", amd, [0.99, 1.00, 1.01], [0.9, 0.9, 0.9]),
     ]
     folder = tmp_path / "results"
     clock = iter(range(1_800_000_000, 1_800_000_000 + 60 * len(kept), 60))  # a run a minute
@@ -241,12 +299,20 @@ def test_item1_verdict_pools_the_kept_runs_of_one_code_on_one_machine_kind(
 
     now = common.load_results(folder)["ray_overhead"]  # this run: also the last one kept
     runs = report.pooled_runs(now, history)
-    assert [h["round_ratios"] for h in runs] == [kept[0]["round_ratios"], kept[3]["round_ratios"]]
+    assert [h["round_ratios"] for h in runs] == [kept[0]["round_ratios"], kept[4]["round_ratios"]]
     pooled = report._pool(runs)
     assert sorted(pooled["ray1/plain epoch_ips"]) == [0.90, 0.91, 0.92, 0.99, 1.00, 1.01]
-    row = report._ray_row("r", "≥ 0.98", "ray1/plain epoch_ips", 0.98, runs, pooled)
-    assert row[2].startswith("0.955 (median of 6 rounds in 2 runs; each run's: 0.910, 1.000)")
-    assert row[3] == "**FAIL**"
-    assert report._ray_row("s", "≥ 1.0", "ray2/ray1 epoch_ips", 1.0, runs, pooled)[3] == "**pass**"
+    assert report._ratio(pooled, "ray1/plain epoch_ips") == pytest.approx(0.955)
     alone = report.pooled_runs({**now, "code": None}, history)  # a result without its code
     assert len(alone) == 1 and alone[0]["code"] is None
+    later = {**now, "code": "new", "measured_at": "2099-01-01 00:00:00 UTC"}  # the next code
+    before = report.previous_code(later, history)  # what it is shown beside: the latest code's
+    assert [h["round_ratios"] for h in before] == [h["round_ratios"] for h in runs]
+    table = report.earlier_ray(history[:-1])
+    assert table.count("\n| 20") == len(kept) - 1  # a row per earlier run, rounds or not
+    assert "| 0.100 | 0.100 | - |" in table  # the summary-only run: no rounds kept
+
+
+def test_code_version_names_the_last_commit_of_the_measured_code():
+    version = common.code_version()
+    assert version == "unknown" or len(version.split("+")[0]) >= 7
