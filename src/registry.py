@@ -34,6 +34,7 @@ from src.serving import (
     CHECKPOINT_KEY,
     FORMAT,
     FORMAT_TAG,
+    INPUT_FORMS,
     KIND,
     KIND_TAG,
     SERVING_REQUIREMENTS,
@@ -74,6 +75,7 @@ def log_pyfunc_model(checkpoint_path: str | os.PathLike, name: str = MODEL_ARTIF
         metadata={
             KIND_TAG: KIND,
             FORMAT_TAG: FORMAT,
+            "input": INPUT_FORMS,
             "class_names": list(extra["class_names"]),
             "channels": int(extra["channels"]),
         },

@@ -125,19 +125,36 @@ def to_pixels(value: Any, name: str, channels: int) -> np.ndarray:
 
 
 def _cells(model_input: Any) -> list[Any]:
-    """The `image` cells of whatever MLflow hands to predict."""
+    """The images of whatever reaches predict, one cell each: a DataFrame (or a dict, as the
+    scoring server's `inputs` JSON gives it) with an ``image`` column; a uint8 batch N x H x W
+    or N x H x W x C; a list of arrays (mixed sizes allowed) or of ``{"image": ...}`` records
+    (the `instances` JSON)."""
     if isinstance(model_input, pd.DataFrame):
         if "image" not in model_input.columns:
             cols = ", ".join(map(str, model_input.columns))
             raise ValueError(f"expected a column 'image', got columns [{cols}]")
         return list(model_input["image"])
-    if isinstance(model_input, dict) and "image" in model_input:
-        cells = model_input["image"]
-        return list(cells) if isinstance(cells, (list, tuple)) else [cells]
+    if isinstance(model_input, dict):
+        if set(model_input) != {"image"}:
+            keys = ", ".join(map(str, model_input))
+            raise ValueError(f"expected one input named 'image', got [{keys}]")
+        model_input = model_input["image"]
+        if isinstance(model_input, (str, bytes)):
+            return [model_input]
+    if isinstance(model_input, np.ndarray):
+        if model_input.dtype == object or model_input.ndim in (3, 4):
+            return list(model_input)  # a batch: N x H x W (gray) or N x H x W x C
+        if model_input.ndim == 2:
+            return [model_input]  # one gray image
+        raise ValueError(
+            f"expected a batch N x H x W or N x H x W x C, got shape "
+            f"{'x'.join(map(str, model_input.shape))}"
+        )
     if isinstance(model_input, (list, tuple)):
-        return list(model_input)
+        return [c["image"] if isinstance(c, dict) and "image" in c else c for c in model_input]
     raise ValueError(
-        f"expected a DataFrame with a column 'image', got {type(model_input).__name__}"
+        f"expected a DataFrame with a column 'image', an image batch or a list of images, got "
+        f"{type(model_input).__name__}"
     )
 
 
@@ -211,11 +228,22 @@ def probabilities_frame(probs: np.ndarray, class_names: list[str]) -> pd.DataFra
     )
 
 
-def signature():
-    from mlflow.models import ModelSignature
-    from mlflow.types.schema import AnyType, ColSpec, DataType, Map, Schema
+# What predict accepts, recorded in the model's metadata: an MLflow input schema cannot say
+# "a DataFrame column, or a batch, or a list of images of mixed sizes", and one that says less
+# would make MLflow refuse the rest before predict sees it.
+INPUT_FORMS = (
+    "a DataFrame (or JSON dataframe_split / dataframe_records / inputs) with a column 'image'; "
+    "a uint8 batch N x H x W or N x H x W x C (JSON instances); a list of arrays of any sizes. "
+    "Each image: pixels H x W (gray) or H x W x 3 (RGB), 0-255, or a base64 image file."
+)
 
-    inputs = Schema([ColSpec(AnyType(), "image")])  # pixels (nested list) or base64 image file
+
+def signature():
+    """The model's signature: its output columns. Its inputs are INPUT_FORMS (no input schema:
+    predict validates each image itself and answers HTTP 400 with the reason)."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, DataType, Map, Schema
+
     outputs = Schema(
         [
             ColSpec(DataType.string, "label"),
@@ -224,4 +252,4 @@ def signature():
             ColSpec(Map(DataType.double), "probabilities"),
         ]
     )
-    return ModelSignature(inputs=inputs, outputs=outputs)
+    return ModelSignature(inputs=None, outputs=outputs)

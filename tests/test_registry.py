@@ -204,6 +204,30 @@ def test_pyfunc_takes_raw_images_of_any_size_and_mode(pyfunc):
     assert out.probabilities[0] == pytest.approx(out.probabilities[4], abs=1e-6)
 
 
+def test_pyfunc_takes_a_batch_an_array_list_or_records_as_a_dataframe_would(pyfunc):
+    """A uint8 batch (N x H x W, N x H x W x C), a list of arrays of mixed sizes, and
+    `{"image": ...}` records give what the same images in a DataFrame give."""
+    rng = np.random.default_rng(1)
+    gray = rng.integers(0, 256, (3, 8, 8), dtype=np.uint8)
+    rgb = rng.integers(0, 256, (2, 12, 12, 3), dtype=np.uint8)
+    mixed = [gray[0], rgb[0], rng.integers(0, 256, (30, 20), dtype=np.uint8)]
+
+    def frame(images) -> pd.DataFrame:
+        return pyfunc.predict(pd.DataFrame({"image": list(images)}))
+
+    for batch in (gray, rgb, mixed):
+        expected = frame(batch)
+        for given in (batch, list(batch), [{"image": im} for im in batch], {"image": list(batch)}):
+            out = pyfunc.predict(given)
+            assert out["label"].tolist() == expected["label"].tolist(), type(given)
+            assert out["probability"].to_numpy() == pytest.approx(expected["probability"])
+    assert len(pyfunc.predict(gray[0])) == 1  # one H x W image
+    with pytest.raises(MlflowException, match="expected a batch N x H x W"):
+        pyfunc.predict(np.zeros((2, 2, 2, 2, 2), np.uint8))
+    meta = pyfunc.metadata.metadata
+    assert "N x H x W" in meta["input"] and "column 'image'" in meta["input"]
+
+
 @pytest.mark.parametrize(
     "cell, reason",
     [

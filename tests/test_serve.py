@@ -157,6 +157,24 @@ def test_served_model_classifies_raw_images(server, digits):
 
 
 @pytest.mark.slow
+def test_served_model_takes_mlflows_instances_and_inputs_forms(server, digits):
+    """MLflow's tensor-style JSON: `instances` (a batch, or records) and `inputs` (a batch, or
+    named columns) give the DataFrame form's answer."""
+    images, expected = digits
+    batch = [im.tolist() for im in images]
+    for payload in (
+        {"instances": batch},
+        {"instances": [{"image": im} for im in batch]},
+        {"inputs": batch},
+        {"inputs": {"image": batch}},
+    ):
+        r = invoke(server, payload)
+        assert r.status_code == 200, (payload.keys(), r.text[:500])
+        rows = r.json()["predictions"]
+        assert [row["label"] for row in rows] == list(expected["label"]), payload.keys()
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "payload, reason",
     [
