@@ -57,25 +57,31 @@ class RunFolder:
         wait = STOP_WAIT + 15.0 if wait is None else wait
         lock = Path(self.path).parent / f".{self.name}.lock"
         lock.parent.mkdir(parents=True, exist_ok=True)
-        with open(lock, "a+") as f:  # not inherited by the processes the stage starts
-            deadline, told = time.monotonic() + wait, False
-            while True:
-                try:
-                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        deadline, told = time.monotonic() + wait, False
+        while True:
+            f = open(lock, "a+")  # noqa: SIM115 (closed below; not inherited by child processes)
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "unknown"
+                f.close()
+            else:
+                if _same_file(f, lock):
                     break
-                except BlockingIOError:
-                    f.seek(0)
-                    holder = f.read().strip() or "unknown"
-                if time.monotonic() > deadline:
-                    raise PipelineError(
-                        f"run.storage_path: run {self.name} is in use by another train stage "
-                        f"(pid {holder}, lock {lock}); wait for it to end or stop it"
-                    )
-                if not told:
-                    print(f"waiting for the train stage (pid {holder}) that holds run "
-                          f"{self.name} to end", flush=True)  # fmt: skip
-                    told = True
-                time.sleep(0.2)
+                f.close()  # the holder removed the file as it let go: lock the new one
+                continue
+            if time.monotonic() > deadline:
+                raise PipelineError(
+                    f"run.storage_path: run {self.name} is in use by another train stage "
+                    f"(pid {holder}, lock {lock}); wait for it to end or stop it"
+                )
+            if not told:
+                print(f"waiting for the train stage (pid {holder}) that holds run "
+                      f"{self.name} to end", flush=True)  # fmt: skip
+                told = True
+            time.sleep(0.2)
+        with f:
             f.seek(0)
             f.truncate()
             f.write(str(os.getpid()))
@@ -83,6 +89,9 @@ class RunFolder:
             try:
                 yield
             finally:
+                # removed while held, so none is left behind: a stage that opened the old file
+                # meanwhile finds it gone once it gets the lock (_same_file) and tries again
+                lock.unlink(missing_ok=True)
                 fcntl.flock(f, fcntl.LOCK_UN)
 
     def read(self, filename: str) -> dict[str, Any] | None:
@@ -105,6 +114,14 @@ class RunFolder:
         """Remove the whole run folder (its checkpoints too)."""
         with contextlib.suppress(FileNotFoundError, OSError):
             self.fs.delete_dir(self.path)
+
+
+def _same_file(f: Any, path: Path) -> bool:
+    """Whether the open file `f` is still the file at `path` (not removed or replaced)."""
+    try:
+        return os.fstat(f.fileno()).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+        return False
 
 
 def storage_uri(storage_path: str, root: Path) -> str:
