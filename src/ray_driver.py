@@ -60,6 +60,7 @@ from src.loop import (
 
 CODE_ROOT = Path(__file__).resolve().parents[1]  # the checkout this code runs from
 STATE_FILE = "state.pt"  # inside each Ray checkpoint
+TRACKING_ENV = "MLFLOW_TRACKING_URI"  # how the workers find the store: env, never the config
 # Never shipped to a remote cluster: environments, data, stores and outputs.
 RUNTIME_EXCLUDES = [
     ".venv/", ".git/", ".dvc/cache/", ".dvc/tmp/", "data/", "models/", "metrics/", "plots/",
@@ -82,7 +83,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, str] | None:
     """Ray Train's per-worker function: run_epochs under DDP, a report + checkpoint per epoch.
 
     config: {"spec": asdict(LoopSpec), "data": [images_ref, labels_ref] (object store),
-    "tracking": {"uri", "run_id"} or None}. Rank 0 prints one line per epoch, logs the epoch to
+    "tracking": {"run_id"} or None}. Rank 0 prints one line per epoch, logs the epoch to
     MLflow (step=epoch, never twice) and saves the checkpoint; every rank reports the epoch.
     Returns {"diverged": message} when the loss became NaN or infinite (every rank stops at
     that epoch, unreported: it is no checkpoint to resume from), else None.
@@ -109,15 +110,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, str] | None:
     if rank == 0:
         sums = "" if loop.allreduce == "none" else f", all-reduce: {loop.allreduce}"
         print(f"{world} worker(s) on {device.type}, precision {loop.precision}{sums}", flush=True)
-    track = config.get("tracking")
+    # The store's URI may carry credentials: it comes from the workers' environment (inherited
+    # from the driver locally, the runtime env's env_vars on a cluster), never from the config,
+    # which Ray keeps in its object store. Without it, the driver logs every epoch after fit.
+    uri = os.environ.get(TRACKING_ENV)
+    track = config.get("tracking") if uri else None
     if rank == 0 and track and history:  # epochs a previous attempt checkpointed, maybe unlogged
-        tracking.log_epochs(track["uri"], track["run_id"], history)
+        tracking.log_epochs(uri, track["run_id"], history)
 
     def on_epoch(entry: dict[str, Any], loop: Any, history: list[dict[str, Any]]) -> None:
         if rank == 0:
             print(format_epoch(entry, spec.train["epochs"]), flush=True)
             if track:
-                tracking.log_epochs(track["uri"], track["run_id"], history)
+                tracking.log_epochs(uri, track["run_id"], history)
         report_epoch(entry, loop.state(history) if rank == 0 else None)
 
     try:
@@ -272,6 +277,8 @@ def ray_session() -> Iterator[Cluster]:
         check_ray_address(address)
         where = f"the Ray cluster at RAY_ADDRESS={address}"
         kwargs["runtime_env"] = {"working_dir": str(CODE_ROOT), "excludes": RUNTIME_EXCLUDES}
+        if os.environ.get(TRACKING_ENV):  # a secret, passed as Ray passes secrets to workers
+            kwargs["runtime_env"]["env_vars"] = {TRACKING_ENV: os.environ[TRACKING_ENV]}
     else:
         where = "this machine"
         res = machine_resources()
@@ -323,7 +330,8 @@ def fit(
         use_gpu: one GPU per worker.
         train: scaling (num_workers, cpus_per_worker).
         run: checkpoint and failure settings (keep_checkpoints, max_failures).
-        track: {"uri", "run_id"} of the MLflow run rank 0 logs epochs to, or None.
+        track: {"run_id"} of the MLflow run rank 0 logs epochs to (in the store the workers'
+            MLFLOW_TRACKING_URI names), or None.
     Returns:
         Ray's Result of a finished run: every epoch reported (checkpoints kept: the best
         run.keep_checkpoints by val_accuracy, and the latest).

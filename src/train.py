@@ -39,6 +39,7 @@ from src.files import atomic_dir, write_json
 from src.loop import LoopSpec, loop_spec, training_split
 from src.model import CNN, CNNConfig, save_checkpoint
 from src.ray_driver import (
+    TRACKING_ENV,
     best_checkpoint,
     check_ray_address,
     check_resources,
@@ -170,6 +171,10 @@ def _train_run(
         if "run_id" in opened:
             tracking.end_run(opened["run_id"], "KILLED")
 
+    # The workers find the store in their environment (inherited from this process by a local
+    # instance; the runtime env's env_vars on a cluster), not in their config: it may carry
+    # credentials, and Ray keeps the config in its object store.
+    os.environ[TRACKING_ENV] = uri
     # SIGTERM handler after ray.init, which installs its own (exit without marking the run)
     with ray_session() as cluster, sigterm_as_interrupt(abandon):
         import ray
@@ -196,7 +201,7 @@ def _train_run(
         # Rank 0 logs each epoch as it ends, unless the store is a file on this machine and the
         # workers may run on others (RAY_ADDRESS): then the driver logs them all after fit.
         local_store = uri.startswith(("sqlite:", "file:")) or "://" not in uri
-        track = None if local_store and not cluster.local else {"uri": uri, "run_id": run_id}
+        track = None if local_store and not cluster.local else {"run_id": run_id}
         try:
             tracking.log_params(run_id, params.flat())
             result = fit(
