@@ -33,6 +33,7 @@ import functools
 import os
 import signal
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -109,7 +110,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, str] | None:
     loop = make_loop(spec, images, labels, comm, device, state=state, wrap=wrap)
     if rank == 0:
         sums = "" if loop.allreduce == "none" else f", all-reduce: {loop.allreduce}"
-        print(f"{world} worker(s) on {device.type}, precision {loop.precision}{sums}", flush=True)
+        say(f"{world} worker(s) on {device.type}, precision {loop.precision}{sums}")
     # The store's URI may carry credentials: it comes from the workers' environment (inherited
     # from the driver locally, the runtime env's env_vars on a cluster), never from the config,
     # which Ray keeps in its object store. Without it, the driver logs every epoch after fit.
@@ -120,7 +121,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, str] | None:
 
     def on_epoch(entry: dict[str, Any], loop: Any, history: list[dict[str, Any]]) -> None:
         if rank == 0:
-            print(format_epoch(entry, spec.train["epochs"]), flush=True)
+            say(format_epoch(entry, spec.train["epochs"]))
             if track:
                 tracking.log_epochs(uri, track["run_id"], history)
         report_epoch(entry, loop.state(history) if rank == 0 else None)
@@ -130,6 +131,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, str] | None:
     except Diverged as e:  # not a worker failure: a retry would only diverge again
         return {"diverged": str(e)}
     return None
+
+
+def say(line: str) -> None:
+    """One line on the worker's stdout, which Ray forwards to the driver's console once.
+    (Ray Train copies what print() writes in a worker into its own logger as well, so the
+    console would show each print() twice; a write to sys.stdout it leaves alone.)"""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def report_epoch(entry: dict[str, Any], state: dict[str, Any] | None) -> None:
