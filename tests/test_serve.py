@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -69,35 +72,21 @@ def png_bytes(pixels: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-@pytest.fixture(scope="module")
-def server(champion, tmp_path_factory):
-    """`mlflow models serve` of the champion on 127.0.0.1, in its own process group."""
+@contextlib.contextmanager
+def serving(mlflow_exe: Path, env: dict, folder: Path) -> Iterator[str]:
+    """`mlflow models serve` of the champion on 127.0.0.1 with the given `mlflow` executable
+    and environment, in its own process group; yields its base URL."""
     port = free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    env = project_env(MLFLOW_TRACKING_URI=champion.tracking_uri)
+    log = folder / "server.log"
     cmd = [
-        str(Path(sys.executable).parent / "mlflow"),
-        "models",
-        "serve",
-        "-m",
-        URI,
-        "--env-manager",
-        "local",  # no virtualenv: offline, and the project's venv has everything
-        "-h",
-        "127.0.0.1",
-        "-p",
-        str(port),
-    ]
+        str(mlflow_exe), "models", "serve", "-m", URI,
+        "--env-manager", "local",  # no virtualenv build: the environment given is the one
+        "-h", "127.0.0.1", "-p", str(port),
+    ]  # fmt: skip
     with open(log, "w") as out:
         # cwd outside the repo: the served model must import src from its own code/ copy
-        proc = subprocess.Popen(
-            cmd,
-            cwd=log.parent,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        proc = subprocess.Popen(cmd, cwd=folder, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
@@ -125,6 +114,64 @@ def server(champion, tmp_path_factory):
             proc.wait(timeout=20)
         except ProcessLookupError:
             pass
+
+
+@pytest.fixture(scope="module")
+def server(champion, tmp_path_factory):
+    """The champion served from the project's own environment."""
+    env = project_env(MLFLOW_TRACKING_URI=champion.tracking_uri)
+    with serving(
+        Path(sys.executable).parent / "mlflow", env, tmp_path_factory.mktemp("srv")
+    ) as url:
+        yield url
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_the_model_serves_from_an_environment_of_its_own_requirements_only(
+    champion, digits, tmp_path
+):
+    """A fresh virtual environment built from the model artifact's requirements.txt alone (pip
+    reaches the package registry; the torch build comes from constraints.txt, as `make install`
+    takes it): no project install, no Ray, DVC or DVCLive, a CPU torch; `mlflow models serve`
+    from it answers real images as the in-process model does."""
+    from mlflow.artifacts import download_artifacts
+
+    images, expected = digits
+    env = project_env(MLFLOW_TRACKING_URI=champion.tracking_uri)
+    model = Path(download_artifacts(artifact_uri=URI, dst_path=str(tmp_path / "model")))
+    requirements = model / "requirements.txt"
+    wanted = requirements.read_text()
+    assert not [n for n in ("ray", "dvc", "dvclive") if re.search(rf"^{n}\b", wanted, re.M)]
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    bare = {k: v for k, v in env.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    bare["PATH"] = f"{venv / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"
+    done = subprocess.run(
+        [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+         "-r", str(requirements), "-c", str(REPO / "constraints.txt")],
+        env=bare, capture_output=True, text=True, timeout=1000,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    probe = (
+        "import importlib.util as u, torch\n"
+        "print(torch.version.cuda, [m for m in ('ray', 'dvc', 'dvclive', 'src') if u.find_spec(m)])"
+    )
+    shown = subprocess.run([str(python), "-c", probe], env=bare, cwd=tmp_path,
+                           capture_output=True, text=True, check=True)  # fmt: skip
+    assert shown.stdout.split("\n")[0] == "None []", shown.stdout  # CPU torch; none of those
+
+    with serving(venv / "bin" / "mlflow", bare, tmp_path) as base:
+        split = {"dataframe_split": {"columns": ["image"],
+                                     "data": [[im.tolist()] for im in images]}}  # fmt: skip
+        r = invoke(base, split)
+        assert r.status_code == 200, r.text[:2000]
+        assert [row["label"] for row in r.json()["predictions"]] == list(expected["label"])
+        r = invoke(base, {"instances": [im.tolist() for im in images]})
+        assert r.status_code == 200, r.text[:2000]
+        assert [row["label"] for row in r.json()["predictions"]] == list(expected["label"])
 
 
 def invoke(base: str, payload) -> requests.Response:
