@@ -145,6 +145,21 @@ CASES = [
         "params.yaml: data.source 'imagefolder' needs data.path (a folder)",
     ),
     (lambda r: r.pop("model"), "params.yaml: model: missing key"),
+    # keys that once were valid say what became of them
+    (
+        _set("train", "shared_memory_allreduce", True),
+        "params.yaml: train.shared_memory_allreduce: removed: CPU workers sum gradients through "
+        "torch.distributed's own backend (gloo); delete the key",
+    ),
+    (
+        _set("train", "storage_path", "elsewhere"),
+        "params.yaml: train.storage_path: moved to run.storage_path (the run section: settings "
+        "that change no number)",
+    ),
+    (
+        _set("run", "keep_runs", 0),
+        "params.yaml: run.keep_runs: input should be greater than 0 (got 0)",
+    ),
 ]
 
 
