@@ -32,7 +32,6 @@ import contextlib
 import functools
 import os
 import signal
-import socket
 import sys
 import tempfile
 import threading
@@ -45,6 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from src import cluster as cluster_checks
 from src import tracking
 from src.config import Params, RunParams, TrainParams
 from src.errors import PipelineError
@@ -227,20 +227,9 @@ def check_resources(
 
 
 def check_ray_address(address: str, timeout: float = 5.0) -> None:
-    """Fail fast, in one line, when the cluster at RAY_ADDRESS does not answer (ray.init would
-    otherwise retry for a long time)."""
-    if address in ("auto", "local"):
-        return
-    hostport = address.split("://", 1)[-1].split("/", 1)[0]
-    host, _, port = hostport.rpartition(":")
-    if not host or not port.isdigit():
-        raise PipelineError(f"RAY_ADDRESS={address}: expected host:port or ray://host:port")
-    try:
-        socket.create_connection((host, int(port)), timeout=timeout).close()
-    except OSError as e:
-        raise PipelineError(
-            f"RAY_ADDRESS={address}: Ray cluster unreachable ({type(e).__name__})"
-        ) from None
+    """Fail fast, in one line, when the cluster at RAY_ADDRESS does not answer, or wants a token
+    this machine does not give (src.cluster.check_address)."""
+    cluster_checks.check_address(address, timeout)
 
 
 @dataclass
@@ -295,8 +284,15 @@ def ray_session() -> Iterator[Cluster]:
     try:
         if owned:
             ray.init(address=address or None, **kwargs)
+    except ray.exceptions.AuthenticationError:  # token auth on, no token here (a mismatch is
+        # found before, by check_ray_address: ray.init would retry it for 20 s)
+        raise PipelineError(
+            cluster_checks.auth_message(str(address), "no token was found here")
+        ) from None
     except (ConnectionError, TimeoutError, RuntimeError, ValueError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if "Failed to merge the Job's runtime env" in str(e):  # inside `ray job submit`
+            raise PipelineError(cluster_checks.job_conflict_message(address)) from None
         raise PipelineError(f"RAY_ADDRESS={address}: cannot connect to Ray ({first})") from None
     try:
         nodes = [n for n in ray.nodes() if n.get("Alive")]

@@ -133,6 +133,14 @@ def storage_uri(storage_path: str, root: Path) -> str:
     return str((shared_root(root) / storage_path).resolve())
 
 
+def run_uri(storage: str, name: str) -> str:
+    """Where run `name` lives in `storage`, as one URI: the name goes into the path, before a
+    query Ray and pyarrow read as file-system options (s3://b/p?endpoint_override=host:port
+    becomes s3://b/p/name?endpoint_override=host:port, not s3://b/p?...=host:port/name)."""
+    base, sep, query = storage.partition("?")
+    return f"{base.rstrip('/')}/{name}{sep}{query}"
+
+
 def data_fingerprint(folder: str | os.PathLike) -> str:
     """sha256 of the training split and meta.json: the data part of the run's identity."""
     h = hashlib.sha256()

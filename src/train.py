@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from src import tracking
+from src.cluster import check_storage
 from src.config import Params
 from src.files import atomic_dir, write_json
 from src.loop import LoopSpec, loop_spec, training_split
@@ -55,6 +56,7 @@ from src.runstore import (
     data_fingerprint,
     prune_runs,
     run_key,
+    run_uri,
     storage_uri,
 )
 from src.supervise import sigterm_as_interrupt
@@ -180,6 +182,8 @@ def _train_run(
         import ray
 
         use_gpu = check_resources(t, cluster.resources, cluster.where, cluster.node_cpus)
+        if not cluster.local:  # every node must see the same checkpoints: fail before training
+            check_storage(storage, cluster.where, tracking.redacted(storage))
         tags = {
             "stage": "train",
             "git_commit": tracking.git_commit(root),
@@ -189,7 +193,7 @@ def _train_run(
             "torch_version": torch.__version__,
             "num_workers": str(t.num_workers),
             "device": "cuda" if use_gpu else "cpu",
-            "ray_run": f"{storage}/{ray_name}",
+            "ray_run": tracking.redacted(run_uri(storage, ray_name)),
             "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
         }
         previous = (folder.read(MLFLOW_RUN_FILE) or {}).get("run_id")

@@ -62,3 +62,154 @@ def mlflow_server(folder: Path, timeout: float = 180) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=20)
+
+
+@contextlib.contextmanager
+def s3_server() -> Iterator[dict[str, str]]:
+    """An S3-compatible server (moto's server mode, in a thread of this process) on 127.0.0.1;
+    yields the settings pyarrow's S3 file system (Ray's storage_path) and boto3 read from the
+    environment: AWS_ENDPOINT_URL, fake credentials and a region."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield {
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+    finally:
+        server.stop()
+
+
+class RayNodes:
+    """A Ray cluster started with the `ray` CLI: each node a `ray start --block` process (its own
+    process group and --temp-dir), stopped by its pid, never by `ray stop`."""
+
+    def __init__(self, folder: Path, env: dict[str, str]) -> None:
+        self.folder, self.env = folder, env
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.port = free_port()
+        self.dashboard_port = free_port()
+        self.client_port = free_port()
+        self.address = f"127.0.0.1:{self.port}"  # the GCS: RAY_ADDRESS for a stage
+        self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"  # ray job submit --address
+
+    def _ports(self) -> list[str]:
+        return [
+            "--node-ip-address=127.0.0.1", "--disable-usage-stats",
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
+            f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
+            "--object-store-memory=200000000",
+        ]  # fmt: skip
+
+    def start(self, name: str, cpus: int, *, head: bool = False, env: dict | None = None) -> None:
+        """Start node `name` with `cpus` CPUs (the head first), its temp dir folder/name."""
+        ray = str(Path(sys.executable).parent / "ray")
+        temp = self.folder / name
+        if head:
+            where = [
+                "--head", f"--port={self.port}", "--include-dashboard=true",
+                "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
+                f"--ray-client-server-port={self.client_port}",
+            ]  # fmt: skip
+        else:
+            where = [f"--address={self.address}"]
+        cmd = [ray, "start", "--block", *where, f"--temp-dir={temp}", f"--num-cpus={cpus}",
+               *self._ports()]  # fmt: skip
+        with open(self.folder / f"{name}.log", "w") as out:
+            self.procs[name] = subprocess.Popen(
+                cmd, env=env or self.env, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
+
+    def wait_nodes(self, n: int, timeout: float = 120) -> list:
+        """Wait until `n` nodes are alive (Ray's state API over the dashboard); them."""
+        from ray.util.state import list_nodes
+
+        deadline = time.monotonic() + timeout
+        old = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+        os.environ.update({k: self.env[k] for k in old if k in self.env})
+        try:
+            while True:
+                for name, proc in self.procs.items():
+                    if proc.poll() is not None:
+                        raise AssertionError(f"ray node {name} exited {proc.returncode}:\n"
+                                             f"{self.log(name)}")  # fmt: skip
+                with contextlib.suppress(Exception):
+                    alive = [x for x in list_nodes(address=self.dashboard, timeout=5)
+                             if x.state == "ALIVE"]  # fmt: skip
+                    if len(alive) >= n:
+                        return alive
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"{n} ray nodes not alive:\n{self.log('head')}")
+                time.sleep(0.5)
+        finally:
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+    def log(self, name: str) -> str:
+        return (self.folder / f"{name}.log").read_text()[-3000:]
+
+    def stop(self, name: str) -> None:
+        """Stop node `name` by its pid: SIGTERM to its `ray start --block` (which stops what it
+        started), then SIGKILL to whatever of its process tree or group is left."""
+        import psutil
+
+        proc = self.procs.pop(name)
+        try:
+            tree = psutil.Process(proc.pid).children(recursive=True)
+        except psutil.Error:
+            tree = []
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+        _gone, alive = psutil.wait_procs(tree, timeout=10)
+        for p in alive:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs.values()]
+
+    def stop_all(self) -> None:
+        for name in [n for n in self.procs if n != "head"] + ["head"]:
+            if name in self.procs:
+                self.stop(name)
+
+
+@contextlib.contextmanager
+def ray_cluster(folder: Path, env: dict[str, str], cpus: tuple[int, ...] = (1, 1)):
+    """A head and len(cpus) - 1 worker nodes started with `ray start` (CPUs each as given), each
+    with its own temp dir under `folder`; yields the RayNodes; stops them all by pid."""
+    folder.mkdir(parents=True, exist_ok=True)
+    nodes = RayNodes(folder, env)
+    try:
+        nodes.start("head", cpus[0], head=True)
+        for i, c in enumerate(cpus[1:], 1):
+            deadline = time.monotonic() + 60
+            while True:  # the head's GCS port open: a worker can join
+                with contextlib.suppress(OSError):
+                    socket.create_connection(("127.0.0.1", nodes.port), timeout=1).close()
+                    break
+                if nodes.procs["head"].poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"ray head did not start:\n{nodes.log('head')}")
+                time.sleep(0.2)
+            nodes.start(f"worker{i}", c)
+        nodes.wait_nodes(len(cpus))
+        yield nodes
+    finally:
+        nodes.stop_all()
