@@ -76,13 +76,26 @@ def table(head: list[str], rows: list[list[str]]) -> str:
 # Item 1: pooled over the kept runs of one code on one machine kind
 
 
+def others(r: dict[str, Any]) -> float | None:
+    """The median share of the CPUs other processes took during a result's runs (None where
+    the result kept no runs)."""
+    shares = [x["foreign_share"] for x in r.get("runs", []) if "foreign_share" in x]
+    return median(shares) if shares else None
+
+
+def quiet(r: dict[str, Any]) -> bool:
+    """Whether a result was measured with others taking at most NOISE_LIMIT of the CPUs."""
+    share = others(r)
+    return share is None or share <= NOISE_LIMIT
+
+
 def pooled_runs(r: dict[str, Any], history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The kept runs of item 1 (common.load_history) of the code `r` measured, on its machine
     kind, with `r` itself last: the runs the verdict pools."""
     kind, code = machine_kind(r["machine"]["cpu"]), r.get("code")
     runs = [
         h for h in history
-        if code is not None and h.get("code") == code and h.get("round_ratios")
+        if code is not None and h.get("code") == code and h.get("round_ratios") and quiet(h)
         and machine_kind(h["machine"]["cpu"]) == kind and h["measured_at"] != r["measured_at"]
     ]  # fmt: skip
     return [*runs, r]
@@ -102,7 +115,7 @@ def previous_code(r: dict[str, Any], history: list[dict[str, Any]]) -> list[dict
     kind = machine_kind(r["machine"]["cpu"])
     earlier = [
         h for h in history
-        if h.get("round_ratios") and h.get("code") != r.get("code")
+        if h.get("round_ratios") and quiet(h) and h.get("code") != r.get("code")
         and machine_kind(h["machine"]["cpu"]) == kind and h["measured_at"] < r["measured_at"]
     ]  # fmt: skip
     return [h for h in earlier if h["code"] == earlier[-1]["code"]] if earlier else []
@@ -119,12 +132,11 @@ def item_ray(r: dict[str, Any], history: list[dict[str, Any]]) -> tuple[str, boo
     over, scale = _ratio(pooled, "ray1/plain epoch_ips"), _ratio(pooled, "ray2/ray1 epoch_ips")
     ddp = _ratio(pooled, "ray2/plain2 epoch_ips")
     passed = None if over is None or scale is None else over >= 0.98 and scale >= 1.0
-    others = median([x["foreign_share"] for x in r["runs"]]) if r.get("runs") else 0.0
     n = len(pooled.get("ray1/plain epoch_ips", []))
     measured = f"ray1/plain {_f(over, '.3f')}, ray2/ray1 {_f(scale, '.3f')} ({n} rounds)"
-    if others > NOISE_LIMIT:  # the ratios then measure the other jobs more than the code
+    if not quiet(r):  # the ratios then measure the other jobs more than the code
         passed = None
-        measured += f", others used {others:.0%} of the CPUs: no verdict"
+        measured += f", others used {others(r):.0%} of the CPUs: no verdict"
     before = previous_code(r, history)
     if before:
         p = _pool(before)
@@ -190,6 +202,14 @@ def _ray_causes(r: dict[str, Any]) -> str:
                     f"{'plain2' if name == 'ray2' else 'plain'} ({rest / v['epoch_s']:+.1%} of the "
                     f"epoch); training pass {v['train_pass_s'] / base['train_pass_s'] - 1:+.1%}"
                 )
+    for name, base in (("ray1", "plain"), ("ray2", "plain2")):
+        v, b = s.get(name), s.get(base)
+        if v and b and "idle_share" in v and "preemptions_per_s" in v:
+            out.append(
+                f"{name}: CPUs idle {v['idle_share']:.1%} of its epochs ({base} "
+                f"{b['idle_share']:.1%}); a worker preempted {v['preemptions_per_s']:,.0f} times "
+                f"a second ({base} {b['preemptions_per_s']:,.0f}; /proc)"
+            )
     ar, p2 = r.get("allreduce"), s.get("plain2")
     if ar and p2 and isinstance(ar.get("seconds"), float):
         step = r["setup"]["batch_size"] / p2["loop_ips"]
@@ -213,8 +233,10 @@ def _ray_causes(r: dict[str, Any]) -> str:
             f"other processes used {min(noisy):.0%}-{max(noisy):.0%} of the CPUs during the runs"
         )
     out.append(
-        "not measured: the CPU time of Ray's actors one by one and Ray's own split of the "
-        "all-reduce inside DDP (only Ray's internal state and torch's private hooks give them)"
+        "not measured: Ray's actors one by one (Ray's state API needs the dashboard, which "
+        "ray[train] lacks: the column above sums Ray's processes by name from /proc), and the "
+        "all-reduce wait inside a DDP step of the workers (it needs a hook in src/'s worker "
+        "code; the gloo figure above is the all-reduce alone)"
     )
     return "Measured causes, this run:\n\n" + "".join(f"- {x}\n" for x in out) + "\n"
 
@@ -224,13 +246,17 @@ def earlier_ray(history: list[dict[str, Any]]) -> str:
         [h["measured_at"][:16], machine_kind(h["machine"]["cpu"]), str(h.get("code", "-")),
          _f(h["ratios"].get("ray1/plain epoch_ips"), ".3f"),
          _f(h["ratios"].get("ray2/ray1 epoch_ips"), ".3f"),
-         str(len(h.get("round_ratios", {}).get("ray1/plain epoch_ips", [])) or "-")]
+         str(len(h.get("round_ratios", {}).get("ray1/plain epoch_ips", [])) or "-"),
+         _f(others(h), ".0%")]
         for h in history
     ]  # fmt: skip
     return (
         "Earlier runs (bench/results/history/ray_overhead; codes 1-9 are the tuned code "
-        "before 37a129e, each record's `code_note` says what it had):\n\n"
-        + table(["when", "CPU", "code", "ray1/plain", "ray2/ray1", "rounds kept"], rows)
+        "before 37a129e, each record's `code_note` says what it had; runs where others took "
+        f"over {NOISE_LIMIT:.0%} of the CPUs are neither pooled nor compared with):\n\n"
+        + table(
+            ["when", "CPU", "code", "ray1/plain", "ray2/ray1", "rounds kept", "others' CPU"], rows
+        )
     )
 
 

@@ -310,7 +310,7 @@ def test_item1_verdict_pools_the_kept_runs_of_one_code_on_one_machine_kind(
     assert [h["round_ratios"] for h in before] == [h["round_ratios"] for h in runs]
     table = report.earlier_ray(history[:-1])
     assert table.count("\n| 20") == len(kept) - 1  # a row per earlier run, rounds or not
-    assert "| 0.100 | 0.100 | - |" in table  # the summary-only run: no rounds kept
+    assert "| 0.100 | 0.100 | - | - |" in table  # the summary-only run: no rounds kept
 
 
 def test_code_version_names_the_last_commit_of_the_measured_code():
