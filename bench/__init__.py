@@ -5,7 +5,7 @@ BENCHMARKS.md. One module per item of the report:
   fashion        2. time to accuracy on Fashion-MNIST through `dvc repro` (5. memory comes with it)
   preprocess     3. preprocess throughput per core, 1 and 2 processes
   overheads      4. no-op `dvc repro`, Ray and stage start-up, end-to-end `make run`
-  gpu            6. the CUDA path (fp32, bf16 autocast; channels_last), torch only: `python -m
+  gpu            6. the CUDA path (fp32, bf16 autocast; channels_last), no Ray/MLflow/DVC: `python -m
                     bench.gpu` (images/s, GPU busy, peak memory, time to 0.935, 2 ranks on 1 GPU)
 
 Benchmarks are not tests: they assert nothing about time. tests/test_bench.py runs each on tiny
