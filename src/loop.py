@@ -33,16 +33,18 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from src.config import Params
 from src.errors import PipelineError
 from src.model import CNN, CNNConfig, SpecError, build_config
+
+if TYPE_CHECKING:  # only for annotations: the loop itself needs torch and numpy alone
+    from src.config import Params
 
 # Validation rows per pass: bigger passes gain little on CPU.
 EVAL_BATCH = 256

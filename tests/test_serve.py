@@ -9,7 +9,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ import requests
 from conftest import REPO, project_env
 from evalkit import get_kit, raw_test_images
 from PIL import Image
+from servers import free_port
 
 from src import registry
 from src.config import RegisterParams
@@ -58,12 +58,6 @@ def digits(champion):
     images = images[:6]
     model = registry.load_model(URI, champion.root)
     return images, model.predict(pd.DataFrame({"image": images}))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def png_bytes(pixels: np.ndarray) -> bytes:
