@@ -66,7 +66,7 @@ TRACKING_ENV = "MLFLOW_TRACKING_URI"  # how the workers find the store: env, nev
 RUNTIME_EXCLUDES = [
     ".venv/", ".git/", ".dvc/cache/", ".dvc/tmp/", "data/", "models/", "metrics/", "plots/",
     "reports/", "mlflow.db", "mlartifacts/", "mlruns/", "ray_results/", "bench/out/",
-    "__pycache__/", ".pytest_cache/", ".ruff_cache/",
+    "__pycache__/", ".pytest_cache/", ".ruff_cache/", "dvc.lock",
 ]  # fmt: skip
 
 

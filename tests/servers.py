@@ -90,7 +90,11 @@ class RayNodes:
     process group and --temp-dir), stopped by its pid, never by `ray stop`."""
 
     def __init__(self, folder: Path, env: dict[str, str]) -> None:
+        import tempfile
+
         self.folder, self.env = folder, env
+        # Ray's socket paths under --temp-dir must fit in 107 bytes: pytest's tmp_path is too long
+        self.temp_root = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
         self.procs: dict[str, subprocess.Popen] = {}
         self.port = free_port()
         self.dashboard_port = free_port()
@@ -111,7 +115,7 @@ class RayNodes:
     def start(self, name: str, cpus: int, *, head: bool = False, env: dict | None = None) -> None:
         """Start node `name` with `cpus` CPUs (the head first), its temp dir folder/name."""
         ray = str(Path(sys.executable).parent / "ray")
-        temp = self.folder / name
+        temp = self.temp_dir(name)
         if head:
             where = [
                 "--head", f"--port={self.port}", "--include-dashboard=true",
@@ -128,33 +132,31 @@ class RayNodes:
                 start_new_session=True,
             )  # fmt: skip
 
-    def wait_nodes(self, n: int, timeout: float = 120) -> list:
-        """Wait until `n` nodes are alive (Ray's state API over the dashboard); them."""
-        from ray.util.state import list_nodes
-
+    def wait_nodes(self, n: int, timeout: float = 120) -> list[dict]:
+        """Wait until `n` nodes are alive (Ray's state API, GET /api/v0/nodes on the dashboard,
+        with the cluster's token); their records."""
+        headers = {}
+        if self.env.get("RAY_AUTH_TOKEN"):
+            headers["Authorization"] = f"Bearer {self.env['RAY_AUTH_TOKEN']}"
         deadline = time.monotonic() + timeout
-        old = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
-        os.environ.update({k: self.env[k] for k in old if k in self.env})
-        try:
-            while True:
-                for name, proc in self.procs.items():
-                    if proc.poll() is not None:
-                        raise AssertionError(f"ray node {name} exited {proc.returncode}:\n"
-                                             f"{self.log(name)}")  # fmt: skip
-                with contextlib.suppress(Exception):
-                    alive = [x for x in list_nodes(address=self.dashboard, timeout=5)
-                             if x.state == "ALIVE"]  # fmt: skip
-                    if len(alive) >= n:
-                        return alive
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"{n} ray nodes not alive:\n{self.log('head')}")
-                time.sleep(0.5)
-        finally:
-            for k, v in old.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+        while True:
+            for name, proc in self.procs.items():
+                if proc.poll() is not None:
+                    raise AssertionError(f"ray node {name} exited {proc.returncode}:\n"
+                                         f"{self.log(name)}")  # fmt: skip
+            with contextlib.suppress(requests.RequestException, ValueError):
+                got = requests.get(f"{self.dashboard}/api/v0/nodes", params={"limit": 100},
+                                   headers=headers, timeout=5)  # fmt: skip
+                alive = [x for x in _records(got.json()) if x.get("state") == "ALIVE"]
+                if len(alive) >= n:
+                    return alive
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{n} ray nodes not alive:\n{self.log('head')}")
+            time.sleep(0.5)
+
+    def temp_dir(self, name: str) -> Path:
+        """Node `name`'s --temp-dir."""
+        return self.temp_root / name
 
     def log(self, name: str) -> str:
         return (self.folder / f"{name}.log").read_text()[-3000:]
@@ -166,21 +168,20 @@ class RayNodes:
 
         proc = self.procs.pop(name)
         try:
-            tree = psutil.Process(proc.pid).children(recursive=True)
+            tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
         except psutil.Error:
             tree = []
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        for p in tree:  # the whole tree at once: `ray start` alone takes its time
+            with contextlib.suppress(psutil.Error):
+                p.terminate()
         _gone, alive = psutil.wait_procs(tree, timeout=10)
         for p in alive:
             with contextlib.suppress(psutil.Error):
                 p.kill()
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
 
     def pids(self) -> list[int]:
         return [p.pid for p in self.procs.values()]
@@ -189,12 +190,24 @@ class RayNodes:
         for name in [n for n in self.procs if n != "head"] + ["head"]:
             if name in self.procs:
                 self.stop(name)
+        import shutil
+
+        shutil.rmtree(self.temp_root, ignore_errors=True)
+
+
+def _records(obj) -> list[dict]:
+    """The node records (dicts with a node_id) anywhere in a state API answer."""
+    if isinstance(obj, dict):
+        return [obj] if "node_id" in obj else [r for v in obj.values() for r in _records(v)]
+    if isinstance(obj, list):
+        return [r for v in obj for r in _records(v)]
+    return []
 
 
 @contextlib.contextmanager
 def ray_cluster(folder: Path, env: dict[str, str], cpus: tuple[int, ...] = (1, 1)):
     """A head and len(cpus) - 1 worker nodes started with `ray start` (CPUs each as given), each
-    with its own temp dir under `folder`; yields the RayNodes; stops them all by pid."""
+    with its own temp dir (logs under `folder`); yields the RayNodes; stops them all by pid."""
     folder.mkdir(parents=True, exist_ok=True)
     nodes = RayNodes(folder, env)
     try:
