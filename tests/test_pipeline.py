@@ -76,6 +76,8 @@ SKIP = (
     "MLFLOW_TRACKING_URI=",
     "mlflow models serve",
     "ray job submit",
+    "ray start",  # a long-lived instance for sweeps (the cluster tests start theirs)
+    "ray stop",
     "dvc queue ",
     "dvc exp run",  # one experiment: test_reliability.test_experiment_after_it_is_a_distinct_run_...
     "cp params.yaml params.yaml.mine",  # the 5-minute Fashion-MNIST pipeline: bench/fashion.py
