@@ -1,8 +1,9 @@
 """The train stage: the epoch loop, real Ray Train runs (2 CPU workers), resume, faults, errors.
 
 Ray fits are expensive (~20-30 s of fixed cost each), so there are few in this file: a first
-2-worker run (module fixture), a two-node cluster run, a checkpoint-layout run and a re-run of
-the first project with a worker killed from outside (SIGKILL, tests/faults.py). All share one
+2-worker run (module fixture), a checkpoint-layout run and a re-run of the first project with a
+worker killed from outside (SIGKILL, tests/faults.py). The train stage on an existing cluster
+(`ray start` nodes, S3, a tracking server) is tests/test_cluster.py. All share one
 preprocessed dataset and the same shrunk params, so their metrics must agree (determinism).
 """
 
@@ -519,46 +520,6 @@ def test_report_epoch_leaves_one_checkpoint_folder_per_epoch(tmp_path, clean_env
         assert state["epoch"] == epoch and state["w"].tolist() == [epoch] * 3
     assert Path(result.checkpoint.path) == folders[-1].resolve()
     assert faults.checkpoint_epochs(tmp_path) == []  # not a train-* run folder: not the stage's
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_stage_on_an_existing_two_node_cluster(base_project, tmp_path, clean_env):
-    """The train stage at RAY_ADDRESS: a real Ray cluster of 2 nodes of 1 CPU each (Ray's own
-    test helper starts their raylets), so its 2 workers (1 CPU each) can only run one per
-    node. The stage ships the project's code to them (runtime env), Ray copies each checkpoint
-    into the run folder, the driver logs the epochs after the fit (the store is a file the
-    workers may not reach), and the cluster is left running when it ends."""
-    import ray
-    from ray.cluster_utils import Cluster
-
-    root = clone(base_project, tmp_path / "project", {"train": {"cpus_per_worker": 1}})
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    try:
-        cluster.add_node(num_cpus=1)
-        cluster.wait_for_nodes()
-        clean_env.setenv("RAY_ADDRESS", cluster.address)
-        clean_env.chdir(root)
-        metrics = train_stage(load_params(root / "params.yaml"), root)
-
-        runs = store_runs(root)
-        assert [r.info.run_id for r in runs] == [metrics["run_id"]]
-        assert runs[0].info.status == "FINISHED"
-        for key in METRICS:
-            assert steps(root, metrics["run_id"], key) == list(range(1, EPOCHS + 1)), key
-        ray_run = Path(runs[0].data.tags["ray_run"])
-        kept = [p.name for p in checkpoint_folders(ray_run)]
-        assert f"checkpoint_epoch_{EPOCHS:04d}" in kept, kept
-        assert (root / "models/model.pt").exists()
-
-        ray.init(address=cluster.address, logging_level="ERROR")  # the cluster still runs
-        try:
-            assert sum(n["Alive"] for n in ray.nodes()) == 2
-            assert ray.cluster_resources().get("CPU") == 2.0  # nothing held any more
-        finally:
-            ray.shutdown()
-    finally:
-        cluster.shutdown()
 
 
 @pytest.mark.slow
