@@ -1,22 +1,21 @@
 """Checks of an existing Ray cluster (RAY_ADDRESS), each failing in one line naming the cause.
 
-  check_address(address)          the address answers (TCP, 5 s) and, for a GCS address, accepts
-                                  this machine's token when the cluster has token auth on
-  auth_message(address, reason)   the one line for a cluster that wants a token it did not get
+  check_address(address)          the address answers (TCP, 5 s)
+  captured_stderr()               what Ray's core writes to fd 2 while connecting, to tell a
+                                  refused token from other failures
+  auth_failure(address, logged)   the one line for a cluster that refused this driver's token
   job_conflict_message(address)   the one line for a stage whose runtime env clashes with its job's
   check_storage(storage, where)   every alive node reaches run.storage_path and sees what the
                                   driver wrote there (one tiny task per node, pinned to it)
 
 Decisions (and why):
 * Token authentication (Ray >= 2.52): a driver without the cluster's token gets `InvalidAuthToken`
-  from the GCS, which ray.init retries once a second for ~20 s and then reports as a generic
-  "failed to connect". One unary RPC to the GCS (the cluster-id request ray.init itself makes
-  first), sent with no token and then with the token Ray would send (RAY_AUTH_TOKEN, else the
-  file at RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token, as Ray documents), tells in milliseconds
-  whether the cluster wants a token and whether ours is accepted. A driver that connects sends
-  its token only with RAY_AUTH_MODE=token (measured with Ray 2.60: a token file alone, or
-  RAY_AUTH_TOKEN alone, still fails), so that is checked too. Any other answer (an older
-  Ray, an RPC renamed) tells nothing, and ray.init decides as before.
+  from the GCS, which ray.init's core logs to fd 2 once a second for ~20 s before it reports a
+  generic "failed to connect". No public API asks a cluster whether it wants a token, so the
+  stage waits for ray.init as before, with fd 2 captured: when what Ray logged says the token
+  was refused, the stage fails in one line saying so and how to give it (a driver sends its
+  token only with RAY_AUTH_MODE=token: measured with Ray 2.60, a token file or RAY_AUTH_TOKEN
+  alone still fails); otherwise what Ray logged is written back, unchanged.
 * Storage: Ray copies checkpoints to `storage_path` from the nodes the workers run on and reads
   them back from wherever a replaced worker starts, so each node must see the same storage, not
   merely a path of the same name. The driver writes a marker with a random value; a task pinned
@@ -28,16 +27,18 @@ Decisions (and why):
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import socket
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 from src.errors import PipelineError
 
 AUTH_DOCS = "https://docs.ray.io/en/latest/ray-security/token-auth.html"
-CLUSTER_ID_RPC = "/ray.rpc.NodeInfoGcsService/GetClusterId"  # ray.init's first call to the GCS
 STORAGE_CHECK_TIMEOUT = 120.0  # s: a node starts a worker (and fetches the runtime env) first
 
 
@@ -52,7 +53,7 @@ def split_address(address: str) -> tuple[str, int]:
 
 def check_address(address: str, timeout: float = 5.0) -> None:
     """Fail fast, in one line, when the cluster at RAY_ADDRESS does not answer (ray.init would
-    otherwise retry for a long time), or wants a token this machine does not give."""
+    otherwise retry for a long time)."""
     if address in ("auto", "local"):
         return
     host, port = split_address(address)
@@ -62,8 +63,6 @@ def check_address(address: str, timeout: float = 5.0) -> None:
         raise PipelineError(
             f"RAY_ADDRESS={address}: Ray cluster unreachable ({type(e).__name__})"
         ) from None
-    if "://" not in address:  # a GCS address (ray:// is the client server: ray.init tells)
-        check_token(address, host, port, timeout)
 
 
 def ray_token() -> tuple[str | None, str]:
@@ -78,41 +77,46 @@ def ray_token() -> tuple[str | None, str]:
     return token or None, str(path)
 
 
-def _probe(target: str, token: str | None, timeout: float) -> Any:
-    """The gRPC status code of the cluster-id request, sent with `token` (or none); None when
-    there is no answer to read (grpcio missing, a timeout)."""
-    try:
-        import grpc
-    except ImportError:
-        return None
-    metadata = [("authorization", f"Bearer {token}")] if token else []
-    with grpc.insecure_channel(target) as channel:
+@contextlib.contextmanager
+def captured_stderr() -> Iterator[Callable[[], str]]:
+    """Send this process's fd 2 to a temporary file for the block (Ray's core logs there from
+    C++, past sys.stderr); yields a function that reads what was written. What was written is
+    the caller's to show or to replace by one line."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+
+        def read() -> str:
+            sys.stderr.flush()
+            tmp.seek(0)
+            return tmp.read().decode(errors="replace")
+
         try:
-            channel.unary_unary(CLUSTER_ID_RPC)(b"", timeout=timeout, metadata=metadata)
-        except grpc.RpcError as e:
-            return e.code()
-        return grpc.StatusCode.OK
+            yield read
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
-def check_token(address: str, host: str, port: int, timeout: float = 5.0) -> None:
-    """One line when the cluster has token authentication on and would refuse this driver."""
-    try:
-        import grpc
-    except ImportError:
-        return
-    target = f"{host}:{port}"
-    if _probe(target, None, timeout) != grpc.StatusCode.UNAUTHENTICATED:
-        return  # no token auth, or nothing to learn: ray.init decides
+REFUSED = ("InvalidAuthToken", "Unauthenticated")  # what Ray's core logs for a refused token
+
+
+def auth_failure(address: str, logged: str) -> str | None:
+    """The one line for a connection that failed because the cluster refused this driver's
+    token (by what Ray logged while connecting), or None when that was not the cause."""
+    if not any(word in logged for word in REFUSED):
+        return None
     token, source = ray_token()
     mode = os.environ.get("RAY_AUTH_MODE", "").strip().lower()
     if mode != "token":  # a driver that connects sends its token only in token mode
-        raise PipelineError(auth_message(address, f"RAY_AUTH_MODE is {mode or 'unset'} here"))
-    if token is None:
-        raise PipelineError(
-            auth_message(address, f"no token here (RAY_AUTH_TOKEN unset, {source} absent)")
-        )
-    if _probe(target, token, timeout) == grpc.StatusCode.UNAUTHENTICATED:
-        raise PipelineError(auth_message(address, f"it refused the token from {source}"))
+        reason = f"RAY_AUTH_MODE is {mode or 'unset'} here"
+    elif token is None:
+        reason = f"no token here (RAY_AUTH_TOKEN unset, {source} absent)"
+    else:
+        reason = f"it refused the token from {source}"
+    return auth_message(address, reason)
 
 
 def auth_message(address: str, reason: str) -> str:

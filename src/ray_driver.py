@@ -227,8 +227,8 @@ def check_resources(
 
 
 def check_ray_address(address: str, timeout: float = 5.0) -> None:
-    """Fail fast, in one line, when the cluster at RAY_ADDRESS does not answer, or wants a token
-    this machine does not give (src.cluster.check_address)."""
+    """Fail fast, in one line, when the cluster at RAY_ADDRESS does not answer
+    (src.cluster.check_address)."""
     cluster_checks.check_address(address, timeout)
 
 
@@ -282,10 +282,21 @@ def ray_session() -> Iterator[Cluster]:
         res = machine_resources()
         kwargs.update(num_cpus=int(res["CPU"]), num_gpus=int(res["GPU"]), include_dashboard=False)
     try:
-        if owned:
-            ray.init(address=address or None, **kwargs)
-    except ray.exceptions.AuthenticationError:  # token auth on, no token here (a mismatch is
-        # found before, by check_ray_address: ray.init would retry it for 20 s)
+        if owned and address:
+            with cluster_checks.captured_stderr() as logged:
+                try:
+                    ray.init(address=address, **kwargs)
+                except (ConnectionError, TimeoutError, RuntimeError, ValueError) as e:
+                    if line := cluster_checks.auth_failure(address, logged()):
+                        raise PipelineError(line) from None
+                    raise e from None
+                finally:
+                    text = logged()
+            if text:
+                sys.stderr.write(text)  # not a refused token: what Ray said, as it said it
+        elif owned:
+            ray.init(**kwargs)
+    except ray.exceptions.AuthenticationError:  # token auth on, and no token at all here
         raise PipelineError(
             cluster_checks.auth_message(str(address), "no token was found here")
         ) from None

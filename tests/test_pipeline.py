@@ -74,6 +74,7 @@ SKIP = (
     "export ",
     "curl ",
     "MLFLOW_TRACKING_URI=",
+    "MLFLOW_SERVER_ENABLE_JOB_EXECUTION=",  # the Scale-out tracking server: tests/test_cluster.py
     "mlflow models serve",
     "ray job submit",
     "ray start",  # a long-lived instance for sweeps (the cluster tests start theirs)
