@@ -304,8 +304,10 @@ def test_a_version_logged_as_a_pickle_is_refused_in_one_line(kit, store, tmp_pat
     loaded: one line says to retrain and register again."""
     from src.serving import KIND, KIND_TAG
 
-    exp = mlflow.set_experiment("old-format")
-    with mlflow.start_run(experiment_id=exp.experiment_id):
+    # not mlflow.set_experiment: that would make "old-format" the process's active experiment
+    # for every later test that opens a run
+    exp = store.create_experiment("old-format")
+    with mlflow.start_run(experiment_id=exp):
         info = mlflow.pyfunc.log_model(
             name="model", python_model=registry.MODEL_FILE,
             artifacts={"checkpoint": str(kit.model_pt)}, metadata={KIND_TAG: KIND},
