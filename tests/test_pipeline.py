@@ -168,12 +168,13 @@ def test_a_queued_experiment_runs_its_own_code(project, tmp_path):
 @pytest.mark.parametrize(
     "edit, key",
     [
-        (lambda text: text.replace("\ntrain:\n", "\ntrian:\n", 1), "trian: unknown key"),
-        (lambda text: text.replace("\nbase:\n", "\nbase:\n  bogus_key: 1\n", 1),
+        (lambda text: re.sub(r"^train:\n", "trian:\n", text, count=1, flags=re.M),
+         "trian: unknown key"),
+        (lambda text: re.sub(r"^base:\n", "base:\n  bogus_key: 1\n", text, count=1, flags=re.M),
          "base.bogus_key: unknown key"),
-        (lambda text: text.replace("\npaths:\n", "\npaths:\n  modles: elsewhere\n", 1),
-         "paths.modles: unknown key"),
-        (lambda text: text.replace("\nrun:\n", "\nrun:\n  keep_run: 3\n", 1),
+        (lambda text: re.sub(r"^paths:\n", "paths:\n  modles: elsewhere\n", text, count=1,
+                             flags=re.M), "paths.modles: unknown key"),
+        (lambda text: re.sub(r"^run:\n", "run:\n  keep_run: 3\n", text, count=1, flags=re.M),
          "run.keep_run: unknown key"),
     ],
     ids=["misspelled-section", "base-key", "paths-key", "untracked-run-key"],
