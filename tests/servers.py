@@ -28,7 +28,6 @@ def mlflow_server(folder: Path, timeout: float = 180) -> Iterator[str]:
     127.0.0.1; yields its URL. FINDINGS.md: ~6 s and ~0.5 GB so configured."""
     folder.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    log = folder / "server.log"
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     env.pop("MLFLOW_TRACKING_URI", None)
     cmd = [
@@ -37,21 +36,33 @@ def mlflow_server(folder: Path, timeout: float = 180) -> Iterator[str]:
         "--artifacts-destination", str(folder / "artifacts"), "--serve-artifacts",
         "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
     ]  # fmt: skip
+    with http_process(cmd, folder, env, f"http://127.0.0.1:{port}", "/health", timeout) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def http_process(
+    cmd: list[str], cwd: Path, env: dict, url: str, probe: str, timeout: float = 180
+) -> Iterator[str]:
+    """Run the HTTP server `cmd` in its own process group (output to cwd/server.log) until
+    GET url+probe answers 200; yield `url`; then end the whole group (SIGTERM, then SIGKILL):
+    uvicorn and gunicorn workers outlive a signal to the CLI process alone."""
+    log = cwd / "server.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=folder, env=env, stdout=out, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
+    what = " ".join(Path(c).name if i == 0 else c for i, c in enumerate(cmd[:3]))
     try:
         deadline = time.monotonic() + timeout
         while True:
             if proc.poll() is not None:
-                raise AssertionError(f"mlflow server exited {proc.returncode}:\n"
+                raise AssertionError(f"{what} exited {proc.returncode}:\n"
                                      f"{log.read_text()[-3000:]}")  # fmt: skip
             with contextlib.suppress(requests.RequestException):
-                if requests.get(f"{url}/health", timeout=2).status_code == 200:
+                if requests.get(f"{url}{probe}", timeout=2).status_code == 200:
                     break
             if time.monotonic() > deadline:
-                raise AssertionError(f"mlflow server not ready:\n{log.read_text()[-3000:]}")
+                raise AssertionError(f"{what} not ready:\n{log.read_text()[-3000:]}")
             time.sleep(0.5)
         yield url
     finally:

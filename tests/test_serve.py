@@ -8,10 +8,8 @@ import io
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +20,7 @@ import requests
 from conftest import REPO, project_env
 from evalkit import get_kit, raw_test_images
 from PIL import Image
-from servers import free_port
+from servers import free_port, http_process
 
 from src import registry
 from src.config import RegisterParams
@@ -71,43 +69,14 @@ def serving(mlflow_exe: Path, env: dict, folder: Path) -> Iterator[str]:
     """`mlflow models serve` of the champion on 127.0.0.1 with the given `mlflow` executable
     and environment, in its own process group; yields its base URL."""
     port = free_port()
-    log = folder / "server.log"
     cmd = [
         str(mlflow_exe), "models", "serve", "-m", URI,
         "--env-manager", "local",  # no virtualenv build: the environment given is the one
         "-h", "127.0.0.1", "-p", str(port),
     ]  # fmt: skip
-    with open(log, "w") as out:
-        # cwd outside the repo: the served model must import src from its own code/ copy
-        proc = subprocess.Popen(cmd, cwd=folder, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(
-                    f"mlflow models serve exited {proc.returncode}:\n{log.read_text()[-3000:]}"
-                )
-            try:
-                if requests.get(f"{base}/ping", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"mlflow models serve not ready:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield base
-    finally:
-        # the whole group: uvicorn workers outlive a SIGTERM to the CLI process alone
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=20)
-        except ProcessLookupError:
-            pass
+    # cwd outside the repo: the served model must import src from its own code/ copy
+    with http_process(cmd, folder, env, f"http://127.0.0.1:{port}", "/ping") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
