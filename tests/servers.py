@@ -1,5 +1,6 @@
-"""Servers the tests run as users run them: `mlflow server` on 127.0.0.1, in its own process
-group, stopped by its group id (never by name)."""
+"""Servers the tests run as users run them, each on 127.0.0.1 in its own process group, stopped
+by its group id (never by name): `mlflow server`, `mlflow models serve`, moto's S3 server and a
+`ray start` cluster."""
 
 from __future__ import annotations
 
@@ -37,6 +38,21 @@ def mlflow_server(folder: Path, timeout: float = 180) -> Iterator[str]:
         "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
     ]  # fmt: skip
     with http_process(cmd, folder, env, f"http://127.0.0.1:{port}", "/health", timeout) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def model_server(mlflow_exe: Path, env: dict, folder: Path, uri: str) -> Iterator[str]:
+    """`mlflow models serve -m URI` on 127.0.0.1 with the given `mlflow` executable and
+    environment (its MLFLOW_TRACKING_URI names the registry), in its own process group; yields
+    its base URL. cwd is `folder`, outside the repo: the model imports src from its own copy."""
+    port = free_port()
+    cmd = [
+        str(mlflow_exe), "models", "serve", "-m", uri,
+        "--env-manager", "local",  # no virtualenv build: the environment given is the one
+        "-h", "127.0.0.1", "-p", str(port),
+    ]  # fmt: skip
+    with http_process(cmd, folder, env, f"http://127.0.0.1:{port}", "/ping") as url:
         yield url
 
 

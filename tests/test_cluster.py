@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import secrets
 import shutil
 import signal
@@ -28,11 +29,11 @@ from pathlib import Path
 import faults
 import pytest
 from conftest import TINY, deep_update, make_project, project_env
-from servers import mlflow_server, ray_cluster, s3_server
+from servers import mlflow_server, model_server, ray_cluster, s3_server
 
 pytestmark = pytest.mark.slow
 
-EPOCHS = 3
+EPOCHS = 4  # a kill after epoch 1, a stop after the next: the rest is resumed
 BUCKET = "ckpt"
 STORAGE = f"s3://{BUCKET}/runs"
 TOKEN = secrets.token_hex(32)
@@ -72,14 +73,17 @@ def stack(tmp_path_factory):
                    "folder": folder}  # fmt: skip
 
 
-def submit(stack, *entrypoint: str, env_vars: dict | None = None, **kw) -> subprocess.Popen:
-    """`ray job submit` of the stack's project, as the README says; the running submitter."""
+def submit(
+    stack, *entrypoint: str, env_vars: dict | None = None, sid: str | None = None, **kw
+) -> subprocess.Popen:
+    """`ray job submit` of the stack's project, as the README says (submission id `sid`); the
+    running submitter."""
     runtime = json.dumps({"env_vars": env_vars if env_vars is not None else
                           {"MLFLOW_TRACKING_URI": stack["url"]}})  # fmt: skip
     ray = str(Path(sys.executable).parent / "ray")
     cmd = [ray, "job", "submit", "--address", stack["nodes"].dashboard,
            "--working-dir", str(stack["project"]), "--runtime-env-json", runtime,
-           "--", *entrypoint]  # fmt: skip
+           *(["--submission-id", sid] if sid else []), "--", *entrypoint]  # fmt: skip
     return subprocess.Popen(cmd, env=stack["env"], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, **kw)  # fmt: skip
 
@@ -129,19 +133,49 @@ def cluster_workers(stack) -> list[int]:
     return sorted(p for pid in stack["nodes"].pids() for p in faults.train_workers(pid))
 
 
+class Job:
+    """One `ray job submit` of the pipeline (submission id `sid`), its output read as it comes."""
+
+    def __init__(self, stack, sid: str) -> None:
+        self.sid, self.out = sid, []
+        self.proc = submit(stack, "python", "-m", "pipeline.cluster_job", sid=sid)
+        self.reader = threading.Thread(target=lambda: self.out.extend(self.proc.stdout),
+                                       daemon=True)  # fmt: skip
+        self.reader.start()
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def wait(self, timeout: float = 500) -> int:
+        code = self.proc.wait(timeout=timeout)
+        self.reader.join(10)
+        return code
+
+    def text(self) -> str:
+        return "".join(self.out)
+
+
+def printed_epochs(out: str) -> list[int]:
+    """The epochs a job's output shows trained (rank 0's "epoch N/EPOCHS  train loss" lines)."""
+    found = re.findall(rf"\bepoch (\d+)/{EPOCHS}  train loss ", out)
+    return list(dict.fromkeys(int(n) for n in found))
+
+
 @pytest.fixture(scope="module")
 def job(stack):
-    """The pipeline submitted as a Ray job; a worker SIGKILLed once epoch 1's checkpoint is in
-    the bucket. The job's output, exit status and what the killer saw."""
+    """The pipeline submitted as a Ray job and, on its way, hit twice: a worker SIGKILLed once
+    epoch 1's checkpoint is in the bucket (Ray replaces it), then, once the replacement has
+    checkpointed an epoch of its own, the job stopped (`ray job stop`: its `dvc repro` is
+    interrupted) with the workers frozen; a second submission of the same checkout reruns
+    `dvc repro`, which resumes from the bucket. Both jobs' output and exit status, and what the
+    faults saw."""
     seen: dict = {"error": None}
-    proc = submit(stack, "python", "-m", "pipeline.cluster_job")
-    out: list[str] = []
-    reader = threading.Thread(target=lambda: out.extend(proc.stdout), daemon=True)
-    reader.start()
+    ray = str(Path(sys.executable).parent / "ray")
+    first = Job(stack, "cnn-1")
     try:
         faults.wait_until(lambda: (bucket_checkpointed_epoch(stack) or 0) >= 1,
                           "epoch 1's checkpoint in the bucket", timeout=400,
-                          alive=lambda: proc.poll() is None, every=0.2)  # fmt: skip
+                          alive=first.alive, every=0.2)  # fmt: skip
         before = cluster_workers(stack)
         faults.signal_all(before, signal.SIGSTOP)  # training stops where it is
         at = bucket_checkpointed_epoch(stack)
@@ -150,13 +184,28 @@ def job(stack):
         faults.signal_all(before, signal.SIGCONT)
         seen.update(victim=victim, before=before, at=at)
         faults.wait_until(lambda: set(cluster_workers(stack)) - set(before),
-                          "a replacement worker", timeout=300,
-                          alive=lambda: proc.poll() is None, every=0.1)  # fmt: skip
+                          "a replacement worker", timeout=300, alive=first.alive,
+                          every=0.1)  # fmt: skip
+        faults.wait_until(lambda: (bucket_checkpointed_epoch(stack) or 0) > at,
+                          f"a checkpoint after epoch {at}", timeout=300, alive=first.alive,
+                          every=0.1)  # fmt: skip
+        frozen = cluster_workers(stack)
+        faults.signal_all(frozen, signal.SIGSTOP)
+        subprocess.run([ray, "job", "stop", "--address", stack["nodes"].dashboard, first.sid],
+                       env=stack["env"], capture_output=True, timeout=120)  # fmt: skip
+        faults.signal_all(frozen, signal.SIGKILL)  # none outlives its job, frozen
     except BaseException as e:  # reported by the tests, with the job's output
         seen["error"] = e
-    code = proc.wait(timeout=500)
-    reader.join(10)
-    return {"code": code, "out": "".join(out), **seen}
+    seen.update(first_code=first.wait(), first_out=first.text())
+    seen["stopped_at"] = bucket_checkpointed_epoch(stack)  # once gone: what a rerun resumes after
+    status = subprocess.run([ray, "job", "status", "--address", stack["nodes"].dashboard,
+                             first.sid], env=stack["env"], capture_output=True, text=True,
+                            timeout=60)  # fmt: skip
+    seen["first_status"] = status.stdout + status.stderr
+    if seen["error"] is None:
+        second = Job(stack, "cnn-2")
+        seen.update(code=second.wait(), out=second.text())
+    return seen
 
 
 @pytest.mark.timeout(600)
@@ -164,11 +213,18 @@ def test_pipeline_as_a_ray_job_tracks_registers_and_resumes_from_the_bucket(stac
     """The whole pipeline through `ray job submit`: the run, each epoch step once, the test
     metrics, the registered model and its champion alias are on the tracking server; the
     checkpoints are in the bucket; a worker SIGKILLed mid-run was replaced and training went on
-    from the last checkpoint in the bucket; the head's unpacked working dir is left as Ray
-    unpacked it (no dvc.lock, no outputs)."""
+    from the last checkpoint in the bucket; the job stopped later (its `dvc repro` interrupted)
+    and submitted again resumed at the next epoch from the bucket, in the same MLflow run; the
+    head's unpacked working dir is left as Ray unpacked it (no dvc.lock, no outputs)."""
+    assert job["error"] is None, (job["error"], job["first_out"][-5000:])
+    assert 1 <= job["at"] < job["stopped_at"] < EPOCHS, job  # both faults mid-run
+    assert "was stopped" in job["first_status"], job["first_status"]  # stopped, not finished
+    assert "error: dvc repro failed" in job["first_out"], job["first_out"][-3000:]
     assert job["code"] == 0, job["out"][-5000:]
-    assert job["error"] is None, (job["error"], job["out"][-5000:])
-    assert 1 <= job["at"] < EPOCHS, job  # killed mid-run
+    # the rerun resumed after the last epoch in the bucket, not from scratch
+    assert "resuming train-" in job["out"], job["out"][-5000:]
+    assert printed_epochs(job["out"]) == list(range(job["stopped_at"] + 1, EPOCHS + 1)), (
+        job["stopped_at"], job["out"][-5000:])  # fmt: skip
     runs = train_runs(stack)
     assert len(runs) == 1, [r.info.run_id for r in runs]
     run = runs[0]
@@ -194,6 +250,33 @@ def test_pipeline_as_a_ray_job_tracks_registers_and_resumes_from_the_bucket(stac
     assert unpacked, "no unpacked working dir on the head"
     for folder in unpacked:
         assert not (folder / "dvc.lock").exists() and not (folder / "models").exists(), folder
+
+
+@pytest.mark.timeout(300)
+def test_the_champion_serves_over_http_from_the_tracking_server(stack, job, tmp_path, monkeypatch):
+    """`mlflow models serve -m models:/cnn@champion` with MLFLOW_TRACKING_URI the tracking
+    server (the model's files come through its served artifacts) answers raw images over HTTP
+    as the champion loaded here does."""
+    import mlflow
+    import numpy as np
+    import pandas as pd
+    import requests
+    from sklearn.datasets import load_digits
+
+    assert job.get("code") == 0, "the pipeline job did not finish"
+    uri = "models:/cnn@champion"
+    images = [(im * 255 / 16).astype(np.uint8) for im in load_digits().images[:5]]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", stack["url"])
+    expected = mlflow.pyfunc.load_model(uri).predict(pd.DataFrame({"image": images}))
+    env = {**project_env(), "MLFLOW_TRACKING_URI": stack["url"]}
+    with model_server(Path(sys.executable).parent / "mlflow", env, tmp_path, uri) as base:
+        r = requests.post(f"{base}/invocations", json={"instances": [im.tolist() for im in images]},
+                          timeout=60)  # fmt: skip
+    assert r.status_code == 200, r.text[:2000]
+    rows = r.json()["predictions"]
+    assert [row["label"] for row in rows] == list(expected["label"])
+    for row in rows:
+        assert sum(row["probabilities"].values()) == pytest.approx(1.0)
 
 
 @pytest.fixture(scope="module")

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
 import json
 import os
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +18,7 @@ import requests
 from conftest import REPO, project_env
 from evalkit import get_kit, raw_test_images
 from PIL import Image
-from servers import free_port, http_process
+from servers import model_server
 
 from src import registry
 from src.config import RegisterParams
@@ -64,28 +62,12 @@ def png_bytes(pixels: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-@contextlib.contextmanager
-def serving(mlflow_exe: Path, env: dict, folder: Path) -> Iterator[str]:
-    """`mlflow models serve` of the champion on 127.0.0.1 with the given `mlflow` executable
-    and environment, in its own process group; yields its base URL."""
-    port = free_port()
-    cmd = [
-        str(mlflow_exe), "models", "serve", "-m", URI,
-        "--env-manager", "local",  # no virtualenv build: the environment given is the one
-        "-h", "127.0.0.1", "-p", str(port),
-    ]  # fmt: skip
-    # cwd outside the repo: the served model must import src from its own code/ copy
-    with http_process(cmd, folder, env, f"http://127.0.0.1:{port}", "/ping") as url:
-        yield url
-
-
 @pytest.fixture(scope="module")
 def server(champion, tmp_path_factory):
     """The champion served from the project's own environment."""
     env = project_env(MLFLOW_TRACKING_URI=champion.tracking_uri)
-    with serving(
-        Path(sys.executable).parent / "mlflow", env, tmp_path_factory.mktemp("srv")
-    ) as url:
+    folder = tmp_path_factory.mktemp("srv")
+    with model_server(Path(sys.executable).parent / "mlflow", env, folder, URI) as url:
         yield url
 
 
@@ -126,7 +108,7 @@ def test_the_model_serves_from_an_environment_of_its_own_requirements_only(
                            capture_output=True, text=True, check=True)  # fmt: skip
     assert shown.stdout.split("\n")[0] == "None []", shown.stdout  # CPU torch; none of those
 
-    with serving(venv / "bin" / "mlflow", bare, tmp_path) as base:
+    with model_server(venv / "bin" / "mlflow", bare, tmp_path, URI) as base:
         split = {"dataframe_split": {"columns": ["image"],
                                      "data": [[im.tolist()] for im in images]}}  # fmt: skip
         r = invoke(base, split)
