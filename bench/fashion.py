@@ -11,11 +11,19 @@ absolute), then `dvc repro`, timed stage by stage (`common.measure_repro`):
                   once), of anonymous memory, and the largest single process
 
 Runs use seeds base.seed, base.seed + 1, ...: the same seed gives the same model.
+
+Item 2b runs the same config in fp32 on the x86-64 baseline that every user's CPU has (AVX2,
+no bf16): train.precision fp32, and the stages' kernels capped at AVX2 through the libraries'
+documented dispatch controls (oneDNN's ONEDNN_MAX_CPU_ISA, ATen's ATEN_CPU_CAPABILITY), so a
+machine with AVX-512 or AMX measures what one without them does.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +46,31 @@ def fashion_params(config: Path = CONFIG, data: Path = FASHION) -> dict[str, Any
     params = load_yaml(config)
     params["data"]["path"] = str(data.resolve())
     return params
+
+
+BASELINE_ISA = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+
+
+def fp32_params(config: Path = CONFIG, data: Path = FASHION) -> dict[str, Any]:
+    """Item 2b's params: the config in fp32 whatever the CPU has."""
+    params = fashion_params(config, data)
+    params["train"]["precision"] = "fp32"
+    return params
+
+
+@contextlib.contextmanager
+def baseline_isa() -> Iterator[dict[str, str]]:
+    """The stages started inside run with their kernels capped at AVX2 (`BASELINE_ISA`)."""
+    old = {k: os.environ.get(k) for k in BASELINE_ISA}
+    os.environ.update(BASELINE_ISA)
+    try:
+        yield dict(BASELINE_ISA)
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def preprocess_bound(params: dict[str, Any]) -> dict[str, Any]:

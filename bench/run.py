@@ -1,7 +1,7 @@
 """Run the benchmarks and write BENCHMARKS.md: `python -m bench.run [--only NAME,...] [--quick]`.
 
 Names (in run order): ray (item 1), fashion (items 2 and 5: the pipeline on Fashion-MNIST),
-preprocess (3), memory (5: the preprocess bound), overheads (4), gpu (6). Each writes
+fashion-fp32 (2b: the same in fp32, kernels capped at AVX2), preprocess (3), memory (5: the preprocess bound), overheads (4), gpu (6). Each writes
 bench/results/<item>.json; BENCHMARKS.md is rebuilt from every saved result, so `--only`
 re-measures some items and keeps the others. `--quick` runs tiny sizes into bench/out/quick
 (its own results and report; never BENCHMARKS.md): a check that everything runs.
@@ -10,6 +10,7 @@ re-measures some items and keeps the others. `--quick` runs tiny sizes into benc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import sys
@@ -29,10 +30,11 @@ RAY_SIZES = {
     "quick": {"rows": 2_000, "epochs": 3, "rounds": 1},
     "full": {"rows": 12_000, "epochs": 8, "rounds": 7},
 }
-NAMES = ("ray", "fashion", "preprocess", "memory", "overheads", "gpu")
+NAMES = ("ray", "fashion", "fashion-fp32", "preprocess", "memory", "overheads", "gpu")
 ITEM = {  # name -> result file stem
     "ray": "ray_overhead",
     "fashion": "fashion",
+    "fashion-fp32": "fashion_fp32",
     "preprocess": "preprocess",
     "memory": "memory",
     "overheads": "overheads",
@@ -90,14 +92,17 @@ def run_item(
             lockstep_steps=50 if quick else 400,
             log=log,
         )
-    if name == "fashion":
-        params = fashion.fashion_params()
+    if name in ("fashion", "fashion-fp32"):
+        fp32 = name == "fashion-fp32"
+        params = fashion.fp32_params() if fp32 else fashion.fashion_params()
         if quick:  # the same pipeline on a sliver of the work: checks it runs, not the target
             params["train"]["epochs"] = 1
             params["preprocess"]["augment_copies"] = min(params["preprocess"]["augment_copies"], 1)
-        return fashion.measure(
-            out / "fashion", params=params, runs=1 if quick else runs, noise_limit=noise, log=log
-        )
+        with fashion.baseline_isa() if fp32 else contextlib.nullcontext() as isa:
+            result = fashion.measure(
+                out / name, params=params, runs=1 if quick else runs, noise_limit=noise, log=log
+            )
+        return {**result, "isa_cap": isa}
     if name == "preprocess":
         data = fashion_data(OUT / "data" / "fashion-28")
         base = data.train_images[..., 0]
