@@ -695,6 +695,7 @@ def training_time(timed: Timed, project: Path, plots: str = "plots") -> dict[str
     overhead = max(median(extra), 0.0) if extra else 0.0
     return {
         "epochs": len(epochs),
+        "last_epoch_at": times[-1],  # seconds into the command
         "training_s": times[-1] - times[0] + passes[0] + overhead,
         "training_pass_s": sum(passes),
         "per_epoch_overhead_s": overhead,

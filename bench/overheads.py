@@ -6,14 +6,26 @@
   stage start  `python -m pipeline.<stage> --help`: interpreter + the stage's imports
   Ray start    in a fresh process: `import ray.train.torch`, then `src.ray_driver.ray_session()`
                entered (ray.init sized to this machine) and left (shutdown)
+  train fixed  the train stage alone (`dvc repro -f -s train`), split into its seconds before
+               the first batch (Python, imports, Ray, the worker group, MLflow's run) and after
+               the last epoch's report (outputs, logging the model, shutdown): with its own Ray
+               instance (what each experiment pays by default), and with the README's sweep
+               recipe, one `ray start --head` instance shared through RAY_ADDRESS
 The per-fit cost of Ray Train (worker group start, set-up, shutdown) is item 1's fixed_s.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import secrets
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +40,8 @@ from bench.common import (
     median,
     run_timed,
     stage_env,
+    stage_windows,
+    training_time,
     wait_quiet,
 )  # fmt: skip
 
@@ -63,16 +77,93 @@ def ray_startup() -> dict[str, Any]:
     return {**json.loads(out["stdout"].strip().splitlines()[-1]), "process_s": out["seconds"]}
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def shared_ray(cpus: int) -> Iterator[dict[str, str]]:
+    """One `ray start --head` instance as the README's sweep recipe starts it (token auth on), in
+    its own process group and temp dir, stopped by its group id; yields the environment a stage
+    needs to use it (RAY_ADDRESS, RAY_AUTH_MODE, RAY_AUTH_TOKEN)."""
+    port = _free_port()
+    env = {"RAY_ADDRESS": f"127.0.0.1:{port}", "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN": secrets.token_hex(32)}  # fmt: skip
+    # Ray's socket paths under --temp-dir must fit in 107 bytes: a short folder in /tmp
+    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
+           f"--port={port}", "--include-dashboard=false", f"--num-cpus={cpus}",
+           f"--temp-dir={temp}", "--disable-usage-stats"]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=stage_env(**env), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            with contextlib.suppress(OSError):
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{' '.join(cmd)} did not start (exit {proc.poll()})")
+            time.sleep(0.2)
+        yield env
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+
+
+FIXED_KEYS = ("seconds", "training_s", "before_s", "after_s", "fixed_s")
+
+
+def train_fixed(project: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """The train stage alone (`dvc repro -f -s train`) in `project`: its seconds, the training
+    time (`training_time`), and the fixed seconds before the first batch and after the last
+    epoch's report. `env`: extra environment (a shared Ray instance)."""
+    timed = check(
+        run_timed(["dvc", "repro", "-f", "-s", "train"], cwd=project, env=stage_env(**(env or {}))),
+        "dvc repro -f -s train",
+    )
+    start, end = stage_windows(timed)["train"]
+    trained = training_time(timed, project)
+    if trained is None:
+        raise RuntimeError(f"no epoch lines in the train stage's output:\n{timed.output(15)}")
+    last = trained["last_epoch_at"]
+    first = last - trained["training_s"]
+    return {"seconds": end - start, "training_s": trained["training_s"],
+            "before_s": first - start, "after_s": end - last,
+            "fixed_s": end - start - trained["training_s"]}  # fmt: skip
+
+
+def fixed_seconds(
+    project: Path, params: dict[str, Any], rounds: int, noise_limit: float, log: Any
+) -> dict[str, dict[str, float]]:
+    """`train_fixed` alternated `rounds` times with the stage's own Ray instance and with a
+    shared `ray start --head` (`shared_ray`): the medians of each."""
+    train = params["train"]
+    with shared_ray(int(train["num_workers"]) * int(train["cpus_per_worker"])) as ray_env:
+        alt = Alternation(
+            {"own": lambda: train_fixed(project), "shared": lambda: train_fixed(project, ray_env)},
+            rounds=rounds, noise_limit=noise_limit, log=log,
+        )  # fmt: skip
+        alt.run()
+    return {v: {k: median(alt.values(v, k)) for k in FIXED_KEYS} for v in ("own", "shared")}
+
+
 def measure(
     out: Path,
     *,
     params: dict[str, Any] | None = None,
     rounds: int = 3,
     stages: tuple[str, ...] = STAGES,
+    train_rounds: int = 3,
     noise_limit: float = 0.10,
     log: Any = print,
 ) -> dict[str, Any]:
-    """End-to-end `dvc repro` once, then the no-op repro, stage and Ray start-up `rounds` times.
+    """End-to-end `dvc repro` once, then the no-op repro, stage and Ray start-up `rounds` times,
+    then the train stage alone `train_rounds` times with its own and with a shared Ray instance
+    (0: not measured; the project's outputs are then left as the first repro wrote them).
 
     Args:
         out: scratch folder for the project copy.
@@ -103,11 +194,14 @@ def measure(
     }
     alt = Alternation(variants, rounds=rounds, noise_limit=noise_limit, log=log)
     alt.run()
+    # after the no-op rounds: a forced train stage leaves evaluate and register to rerun
+    fixed = fixed_seconds(project, params, train_rounds, noise_limit, log) if train_rounds else None
     ray = {k: median(alt.values("ray start-up", k)) for k in ("import_s", "init_s", "shutdown_s")}
     return {
         "end_to_end": {**e2e, "foreign_share": noise.foreign_share()},
         "noop_repro_s": median(alt.values("no-op dvc repro", "seconds")),
         "stage_startup_s": {s: median(alt.values(f"{s} start-up", "seconds")) for s in stages},
         "ray_startup": ray,
+        "train_fixed": fixed,
         "rounds": rounds,
     }

@@ -357,6 +357,24 @@ def item_overheads(r: dict[str, Any], _: list[dict[str, Any]]) -> tuple[str, boo
         + f"Stage start-up: {starts}. Ray: `import ray.train.torch` {ray['import_s']:.2f} s, "
         f"`ray_session()` {ray['init_s']:.2f} s, shutdown {ray['shutdown_s']:.2f} s.\n\n"
     )
+    fixed = r.get("train_fixed")
+    if fixed:  # before/after of the sweep recipe (README: one `ray start --head` for a sweep)
+        rows = [[f"{v} Ray instance", *(f"{fixed[v][k]:.1f}" for k in
+                 ("seconds", "training_s", "before_s", "after_s", "fixed_s"))]
+                for v in ("own", "shared")]  # fmt: skip
+        ratio = fixed["shared"]["fixed_s"] / fixed["own"]["fixed_s"]
+        text += (
+            "The train stage's fixed seconds (`dvc repro -f -s train`, the same rounds): "
+            "before the first batch (Python, imports, `ray.init` or connecting, the worker "
+            "group, the MLflow run) and after the last epoch's report (outputs, the model "
+            "logged, shutdown). *Own*: the stage starts and stops its Ray instance, as every "
+            "experiment does by default; *shared*: the README's sweep recipe, one `ray start "
+            f"--head` instance that every stage reaches through RAY_ADDRESS. Shared/own fixed "
+            f"seconds: {ratio:.2f}.\n\n"
+            + table(
+                ["train stage", "stage s", "training s", "before s", "after s", "fixed s"], rows
+            )  # fmt: skip
+        )
     noop, total = r["noop_repro_s"], e2e["seconds"]
     return f"no-op {noop:.2f} s; end-to-end {total:.1f} s", noop <= 3 and total <= 120, text
 

@@ -124,7 +124,11 @@ def run_item(
         )
     if name == "overheads":
         return overheads.measure(
-            out / "overheads", rounds=1 if quick else 3, noise_limit=noise, log=log
+            out / "overheads",
+            rounds=1 if quick else 3,
+            train_rounds=1 if quick else 3,
+            noise_limit=noise,
+            log=log,
         )
     if name == "gpu":
         data = fashion_data(OUT / "data" / "fashion-28")

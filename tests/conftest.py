@@ -31,7 +31,7 @@ def reproduced(tmp_path_factory) -> tuple[Path, dict]:
 
     out = tmp_path_factory.mktemp("reproduced")
     result = overheads.measure(
-        out, params=tiny_raw(), rounds=1, stages=("evaluate",), noise_limit=1.0
+        out, params=tiny_raw(), rounds=1, stages=("evaluate",), train_rounds=0, noise_limit=1.0
     )
     return out / "default", result
 
