@@ -281,7 +281,16 @@ def item_fashion(r: dict[str, Any], _: list[dict[str, Any]]) -> tuple[str, bool 
          stage_s(x, "preprocess"), stage_s(x, "evaluate"), _f(x.get("images_per_sec"))]
         for x in r["runs"]
     ]  # fmt: skip
-    isa = r.get("isa_cap")
+    isa, ran = r.get("isa_cap"), r.get("params", {})
+    what = ""
+    if ran.get("model") and ran.get("train"):  # the config measured (it changes between runs)
+        layers = [f"{x['conv']}" if "conv" in x else f"fc{x['fc']}" if "fc" in x else "pool"
+                  for x in ran["model"]["layers"]]  # fmt: skip
+        t = ran["train"]
+        what = (
+            f"The config measured: conv {'-'.join(layers)}, dropout {ran['model'].get('dropout')}, "
+            f"{t['epochs']} epochs, batch {t['batch_size']}, precision {t['precision']}. "
+        )
     how = (
         f"train.precision fp32 and the kernels capped at AVX2 ({', '.join(f'{k}={v}' for k, v in isa.items())}: "
         "oneDNN's and ATen's documented dispatch controls), so this machine runs what a CPU "
@@ -290,7 +299,7 @@ def item_fashion(r: dict[str, Any], _: list[dict[str, Any]]) -> tuple[str, bool 
     )  # fmt: skip
     text = (
         "Method (`bench/fashion.py`): a fresh copy of the project with configs/fashion-mnist.yaml "
-        f"as params.yaml, then `dvc repro`; {how}Test accuracy from metrics/evaluate.json; "
+        f"as params.yaml, then `dvc repro`; {how}{what}Test accuracy from metrics/evaluate.json; "
         "training s: the train stage from its first batch to its last epoch's report; outside "
         "epochs: the rest of the train stage (Python and Ray start-up, the worker group, MLflow "
         "logging, shutdown).\n\n"
