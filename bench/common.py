@@ -10,6 +10,8 @@ import os
 import platform
 import re
 import shutil
+import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -413,6 +415,36 @@ def _short(result: dict[str, Any]) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Scratch projects and timed subprocesses
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_tree(proc: subprocess.Popen, grace: float = 10) -> None:
+    """Stop `proc` (started with start_new_session=True) and everything it started: SIGTERM to
+    its whole process tree at once (`ray start --block` alone takes its time to stop what it
+    started), SIGKILL to what is left after `grace` s, then to its process group."""
+    import psutil
+
+    try:
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.Error:
+        tree = []
+    for p in tree:
+        with contextlib.suppress(psutil.Error):
+            p.terminate()
+    _gone, alive = psutil.wait_procs(tree, timeout=grace)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=grace)
 
 
 def stage_env(**extra: str) -> dict[str, str]:

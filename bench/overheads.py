@@ -17,9 +17,7 @@ The per-fit cost of Ray Train (worker group start, set-up, shutdown) is item 1's
 from __future__ import annotations
 
 import contextlib
-import os
 import secrets
-import signal
 import socket
 import subprocess
 import sys
@@ -34,6 +32,7 @@ from bench.common import (
     Alternation,
     Noise,
     check,
+    free_port,
     load_yaml,
     make_project,
     measure_repro,
@@ -41,6 +40,7 @@ from bench.common import (
     run_timed,
     stage_env,
     stage_windows,
+    stop_tree,
     training_time,
     wait_quiet,
 )  # fmt: skip
@@ -77,18 +77,12 @@ def ray_startup() -> dict[str, Any]:
     return {**json.loads(out["stdout"].strip().splitlines()[-1]), "process_s": out["seconds"]}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def shared_ray(cpus: int) -> Iterator[dict[str, str]]:
     """One `ray start --head` instance as the README's sweep recipe starts it (token auth on), in
     its own process group and temp dir, stopped by its group id; yields the environment a stage
     needs to use it (RAY_ADDRESS, RAY_AUTH_MODE, RAY_AUTH_TOKEN)."""
-    port = _free_port()
+    port = free_port()
     env = {"RAY_ADDRESS": f"127.0.0.1:{port}", "RAY_AUTH_MODE": "token",
            "RAY_AUTH_TOKEN": secrets.token_hex(32)}  # fmt: skip
     # Ray's socket paths under --temp-dir must fit in 107 bytes: a short folder in /tmp
@@ -109,9 +103,7 @@ def shared_ray(cpus: int) -> Iterator[dict[str, str]]:
             time.sleep(0.2)
         yield env
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(30)
+        stop_tree(proc)
 
 
 FIXED_KEYS = ("seconds", "training_s", "before_s", "after_s", "fixed_s")

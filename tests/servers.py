@@ -16,11 +16,7 @@ from pathlib import Path
 
 import requests
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from bench.common import free_port, stop_tree
 
 
 @contextlib.contextmanager
@@ -189,26 +185,9 @@ class RayNodes:
         return (self.folder / f"{name}.log").read_text()[-3000:]
 
     def stop(self, name: str) -> None:
-        """Stop node `name` by its pid: SIGTERM to its `ray start --block` (which stops what it
-        started), then SIGKILL to whatever of its process tree or group is left."""
-        import psutil
-
-        proc = self.procs.pop(name)
-        try:
-            tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-        except psutil.Error:
-            tree = []
-        for p in tree:  # the whole tree at once: `ray start` alone takes its time
-            with contextlib.suppress(psutil.Error):
-                p.terminate()
-        _gone, alive = psutil.wait_procs(tree, timeout=10)
-        for p in alive:
-            with contextlib.suppress(psutil.Error):
-                p.kill()
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=10)
+        """Stop node `name` by its pid: its `ray start --block` and whatever of its process tree
+        or group is left (bench.common.stop_tree)."""
+        stop_tree(self.procs.pop(name))
 
     def pids(self) -> list[int]:
         return [p.pid for p in self.procs.values()]
