@@ -244,7 +244,11 @@ def _ray_causes(r: dict[str, Any]) -> str:
     return "Measured causes, this run:\n\n" + "".join(f"- {x}\n" for x in out) + "\n"
 
 
+EARLIER_SHOWN = 8  # the newest runs in the table; the rest stay in bench/results/history
+
+
 def earlier_ray(history: list[dict[str, Any]]) -> str:
+    older, history = history[:-EARLIER_SHOWN], history[-EARLIER_SHOWN:]
     rows = [
         [h["measured_at"][:16], machine_kind(h["machine"]["cpu"]), str(h.get("code", "-")),
          _f(h["ratios"].get("ray1/plain epoch_ips"), ".3f"),
@@ -256,7 +260,9 @@ def earlier_ray(history: list[dict[str, Any]]) -> str:
     return (
         "Earlier runs (bench/results/history/ray_overhead; codes 1-9 are the tuned code "
         "before 37a129e, each record's `code_note` says what it had; runs where others took "
-        f"over {NOISE_LIMIT:.0%} of the CPUs are neither pooled nor compared with):\n\n"
+        f"over {NOISE_LIMIT:.0%} of the CPUs are neither pooled nor compared with"
+        + (f"; the {len(older)} oldest are left out here" if older else "")
+        + "):\n\n"
         + table(
             ["when", "CPU", "code", "ray1/plain", "ray2/ray1", "rounds kept", "others' CPU"], rows
         )
@@ -288,37 +294,32 @@ def item_fashion(r: dict[str, Any], _: list[dict[str, Any]]) -> tuple[str, bool 
                   for x in ran["model"]["layers"]]  # fmt: skip
         t = ran["train"]
         what = (
-            f"The config measured: conv {'-'.join(layers)}, dropout {ran['model'].get('dropout')}, "
+            f"Config: conv {'-'.join(layers)}, dropout {ran['model'].get('dropout')}, "
             f"{t['epochs']} epochs, batch {t['batch_size']}, precision {t['precision']}. "
         )
-    how = (
-        f"train.precision fp32 and the kernels capped at AVX2 ({', '.join(f'{k}={v}' for k, v in isa.items())}: "
-        "oneDNN's and ATen's documented dispatch controls), so this machine runs what a CPU "
-        "without AVX-512 or bf16 runs. "
-        if isa else ""
-    )  # fmt: skip
+    if isa:  # item 2b: item 2's method, in fp32 on the x86-64 baseline
+        method = (
+            "Method: item 2's, with train.precision fp32 and the kernels capped at AVX2 ("
+            + ", ".join(f"{k}={v}" for k, v in isa.items())
+            + "): what a CPU without AVX-512 or bf16 runs. "
+        )
+    else:
+        method = (
+            "Method (`bench/fashion.py`): a fresh copy of the project with "
+            "configs/fashion-mnist.yaml as params.yaml, then `dvc repro`; test accuracy from "
+            "metrics/evaluate.json; training s: the train stage's first batch to its last "
+            "epoch's report; outside epochs: the rest of the stage (start-up, worker group, "
+            "MLflow, shutdown). "
+        )
+    headers = ["seed", "test accuracy", "training s", "train stage outside epochs s",
+               "preprocess s", "evaluate s", "images/s"]  # fmt: skip
     text = (
-        "Method (`bench/fashion.py`): a fresh copy of the project with configs/fashion-mnist.yaml "
-        f"as params.yaml, then `dvc repro`; {how}{what}Test accuracy from metrics/evaluate.json; "
-        "training s: the train stage from its first batch to its last epoch's report; outside "
-        "epochs: the rest of the train stage (Python and Ray start-up, the worker group, MLflow "
-        "logging, shutdown).\n\n"
-        + table(
-            [
-                "seed",
-                "test accuracy",
-                "training s",
-                "train stage outside epochs s",
-                "preprocess s",
-                "evaluate s",
-                "images/s",
-            ],
-            rows,
-        )  # fmt: skip
+        f"{method}{what}\n\n"
+        + table(headers, rows)
         + f"Seed-to-seed spread: {min(accs):.4f}-{max(accs):.4f} ({max(accs) - min(accs):.4f}).\n\n"
-        "The configuration search behind the config is a record in "
-        "bench/results/records/fashion_search.json (not re-run).\n\n"
-    )
+        + ("" if isa else "The configuration search behind the config is a record in "
+           "bench/results/records/fashion_search.json (not re-run).\n\n")
+    )  # fmt: skip
     return f"{acc:.4f} in {secs:.0f} s (median of {s['runs']})", acc >= 0.935 and secs <= 300, text
 
 
@@ -373,13 +374,10 @@ def item_overheads(r: dict[str, Any], _: list[dict[str, Any]]) -> tuple[str, boo
                 for v in ("own", "shared")]  # fmt: skip
         ratio = fixed["shared"]["fixed_s"] / fixed["own"]["fixed_s"]
         text += (
-            "The train stage's fixed seconds (`dvc repro -f -s train`, the same rounds): "
-            "before the first batch (Python, imports, `ray.init` or connecting, the worker "
-            "group, the MLflow run) and after the last epoch's report (outputs, the model "
-            "logged, shutdown). *Own*: the stage starts and stops its Ray instance, as every "
-            "experiment does by default; *shared*: the README's sweep recipe, one `ray start "
-            f"--head` instance that every stage reaches through RAY_ADDRESS. Shared/own fixed "
-            f"seconds: {ratio:.2f}.\n\n"
+            "The train stage alone (`dvc repro -f -s train`, alternated, medians): fixed s = "
+            "before its first batch + after its last epoch's report; *own*: it starts its Ray "
+            "instance (the default), *shared*: the README's sweep recipe (one `ray start --head`, "
+            f"RAY_ADDRESS). Shared/own fixed s: {ratio:.2f}.\n\n"
             + table(
                 ["train stage", "stage s", "training s", "before s", "after s", "fixed s"], rows
             )  # fmt: skip
