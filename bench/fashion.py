@@ -26,6 +26,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 from bench.common import (
     FASHION,
@@ -61,16 +62,8 @@ def fp32_params(config: Path = CONFIG, data: Path = FASHION) -> dict[str, Any]:
 @contextlib.contextmanager
 def baseline_isa() -> Iterator[dict[str, str]]:
     """The stages started inside run with their kernels capped at AVX2 (`BASELINE_ISA`)."""
-    old = {k: os.environ.get(k) for k in BASELINE_ISA}
-    os.environ.update(BASELINE_ISA)
-    try:
+    with mock.patch.dict(os.environ, BASELINE_ISA):  # restored as it was on the way out
         yield dict(BASELINE_ISA)
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def preprocess_bound(params: dict[str, Any]) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """Run the benchmarks and write BENCHMARKS.md: `python -m bench.run [--only NAME,...] [--quick]`.
 
 Names (in run order): ray (item 1), fashion (items 2 and 5: the pipeline on Fashion-MNIST),
-fashion-fp32 (2b: the same in fp32, kernels capped at AVX2), preprocess (3), memory (5: the preprocess bound), overheads (4), gpu (6). Each writes
+fashion-fp32 (2b: the same in fp32, kernels capped at AVX2), preprocess (3), memory (5: the
+preprocess bound), overheads (4), gpu (6). Each writes
 bench/results/<item>.json; BENCHMARKS.md is rebuilt from every saved result, so `--only`
 re-measures some items and keeps the others. `--quick` runs tiny sizes into bench/out/quick
 (its own results and report; never BENCHMARKS.md): a check that everything runs.
