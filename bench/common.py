@@ -424,12 +424,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_port(port: int, proc: subprocess.Popen, timeout: float = 60) -> bool:
+    """Wait until 127.0.0.1:`port` accepts a connection: True, or False once `proc` (the server
+    meant to open it) has exited or `timeout` s have passed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return True
+        if proc.poll() is not None or time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+
+
 def stop_tree(proc: subprocess.Popen, grace: float = 10) -> None:
     """Stop `proc` (started with start_new_session=True) and everything it started: SIGTERM to
     its whole process tree at once (`ray start --block` alone takes its time to stop what it
     started), SIGKILL to what is left after `grace` s, then to its process group."""
-    import psutil
-
     try:
         tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
     except psutil.Error:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import secrets
-import socket
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -42,6 +42,7 @@ from bench.common import (
     stage_windows,
     stop_tree,
     training_time,
+    wait_port,
     wait_quiet,
 )  # fmt: skip
 
@@ -80,8 +81,9 @@ def ray_startup() -> dict[str, Any]:
 @contextlib.contextmanager
 def shared_ray(cpus: int) -> Iterator[dict[str, str]]:
     """One `ray start --head` instance as the README's sweep recipe starts it (token auth on), in
-    its own process group and temp dir, stopped by its group id; yields the environment a stage
-    needs to use it (RAY_ADDRESS, RAY_AUTH_MODE, RAY_AUTH_TOKEN)."""
+    its own process group and temp dir, stopped with its process tree (`stop_tree`) and its temp
+    dir removed; yields the environment a stage needs to use it (RAY_ADDRESS, RAY_AUTH_MODE,
+    RAY_AUTH_TOKEN)."""
     port = free_port()
     env = {"RAY_ADDRESS": f"127.0.0.1:{port}", "RAY_AUTH_MODE": "token",
            "RAY_AUTH_TOKEN": secrets.token_hex(32)}  # fmt: skip
@@ -93,17 +95,12 @@ def shared_ray(cpus: int) -> Iterator[dict[str, str]]:
     proc = subprocess.Popen(cmd, env=stage_env(**env), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            with contextlib.suppress(OSError):
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{' '.join(cmd)} did not start (exit {proc.poll()})")
-            time.sleep(0.2)
+        if not wait_port(port, proc):
+            raise RuntimeError(f"{' '.join(cmd)} did not start (exit {proc.poll()})")
         yield env
     finally:
         stop_tree(proc)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 FIXED_KEYS = ("seconds", "training_s", "before_s", "after_s", "fixed_s")
@@ -122,10 +119,9 @@ def train_fixed(project: Path, env: dict[str, str] | None = None) -> dict[str, A
     if trained is None:
         raise RuntimeError(f"no epoch lines in the train stage's output:\n{timed.output(15)}")
     last = trained["last_epoch_at"]
-    first = last - trained["training_s"]
+    before, after = last - trained["training_s"] - start, end - last
     return {"seconds": end - start, "training_s": trained["training_s"],
-            "before_s": first - start, "after_s": end - last,
-            "fixed_s": end - start - trained["training_s"]}  # fmt: skip
+            "before_s": before, "after_s": after, "fixed_s": before + after}  # fmt: skip
 
 
 def fixed_seconds(

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import requests
 
-from bench.common import free_port, stop_tree
+from bench.common import free_port, stop_tree, wait_port
 
 
 @contextlib.contextmanager
@@ -219,14 +218,8 @@ def ray_cluster(folder: Path, env: dict[str, str], cpus: tuple[int, ...] = (1, 1
     try:
         nodes.start("head", cpus[0], head=True)
         for i, c in enumerate(cpus[1:], 1):
-            deadline = time.monotonic() + 60
-            while True:  # the head's GCS port open: a worker can join
-                with contextlib.suppress(OSError):
-                    socket.create_connection(("127.0.0.1", nodes.port), timeout=1).close()
-                    break
-                if nodes.procs["head"].poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(f"ray head did not start:\n{nodes.log('head')}")
-                time.sleep(0.2)
+            if not wait_port(nodes.port, nodes.procs["head"]):  # a worker can join the GCS
+                raise AssertionError(f"ray head did not start:\n{nodes.log('head')}")
             nodes.start(f"worker{i}", c)
         nodes.wait_nodes(len(cpus))
         yield nodes
